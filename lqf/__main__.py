@@ -1,0 +1,5 @@
+import sys
+
+from lqf.cli import main
+
+sys.exit(main())

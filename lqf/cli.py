@@ -1,0 +1,63 @@
+"""`python -m lqf COMMAND --config configs/<name>.py --workdir DIR [--config.key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from lqf.errors import UserError
+
+
+def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
+  from lqf import config as config_lib, train  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.load(args.config, overrides)
+  result = train.pretrain(cfg, args.workdir, progress=not args.no_progress)
+  print(f"pretrain: eval accuracy {result['eval']['accuracy']:.4f} on "
+        f"{result['eval']['count']} images (train {result['train']['accuracy']:.4f}); "
+        f"metrics in {args.workdir}/metrics.jsonl")
+
+
+def _bench(args: argparse.Namespace, overrides: list[str]) -> None:
+  from lqf import bench  # pylint: disable=g-import-not-at-top
+  if overrides:
+    raise UserError(f"bench takes no config overrides, got {' '.join(overrides)}")
+  result = bench.run(args.name, json_path=args.json, seeds=args.seeds, quick=args.quick)
+  print(bench.format_table(result))
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
+    "pretrain": _pretrain,
+    "bench": _bench,
+}
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m lqf", description=__doc__)
+  sub = p.add_subparsers(dest="command", required=True)
+  pre = sub.add_parser("pretrain", help="train a ResNet on the source task",
+                       description="Config overrides: --config.train.lr=0.05 and so on.")
+  pre.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
+  pre.add_argument("--workdir", required=True, help="checkpoints, metrics, results")
+  pre.add_argument("--no_progress", action="store_true", help="no progress bar")
+  b = sub.add_parser("bench", help="run a benchmark and write its JSON")
+  b.add_argument("name", choices=["transfer"])
+  b.add_argument("--json", required=True, help="where to write the results")
+  b.add_argument("--seeds", type=int, default=5)
+  b.add_argument("--quick", action="store_true", help="a fast smoke version")
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args, rest = parser().parse_known_args(argv)
+  unknown = [r for r in rest if not r.startswith("--config.")]
+  if unknown:
+    parser().error(f"unrecognized arguments: {' '.join(unknown)}")
+  try:
+    COMMANDS[args.command](args, rest)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0

@@ -1,0 +1,75 @@
+"""Adapting a pretrained classifier to a target task: nonlinear fine-tuning, a linear
+probe on frozen features, and the reference arms (training from scratch; the source
+model without adaptation)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lqf import train
+from lqf.data import pipeline
+
+PyTree = Any
+
+
+def with_new_head(pretrained: train.Classifier, model_cfg: Mapping[str, Any],
+                  num_classes: int, in_channels: int, seed: int) -> train.Classifier:
+  """The pretrained backbone under a freshly initialised (non-zero) head.
+
+  Built as a new model for `num_classes`, then every weight but the head's is copied
+  from `pretrained`, so the label sets of source and target may differ.
+  """
+  fresh = train.build_classifier(model_cfg, num_classes, in_channels, seed)
+  params = dict(pretrained.params, head=fresh.params["head"])
+  return dataclasses.replace(fresh, params=params, batch_stats=pretrained.batch_stats)
+
+
+def finetune(clf: train.Classifier, data: pipeline.ImageSplit, t: Mapping[str, Any], *,
+             seed: int, train_bn: bool, augment: Mapping[str, Any] | None = None
+             ) -> train.Classifier:
+  """Nonlinear fine-tuning of every weight with cross-entropy (`train.fit`)."""
+  params, stats = train.fit(clf, data, t, seed=seed, augment=augment, train_bn=train_bn,
+                            progress=False)
+  return dataclasses.replace(clf, params=params, batch_stats=stats)
+
+
+def fit_linear_probe(features: jax.Array, labels: jax.Array, num_classes: int, *,
+                     lr: float, weight_decay: float, steps: int, seed: int
+                     ) -> dict[str, jax.Array]:
+  """Multinomial logistic regression on fixed features, full batch with Adam.
+
+  Minimises `mean CE(f W + b, y) + weight_decay/2 · ||W||²`.
+  features [N, D], labels int [N] -> {"kernel": [D, C], "bias": [C]}.
+  """
+  d = features.shape[-1]
+  head = {"kernel": jax.random.normal(jax.random.key(seed), (d, num_classes)) / jnp.sqrt(d),
+          "bias": jnp.zeros((num_classes,))}
+  opt = optax.adam(lr)
+
+  def loss(h):
+    logits = features @ h["kernel"] + h["bias"]
+    return train.cross_entropy(logits, labels) + 0.5 * weight_decay * jnp.sum(h["kernel"] ** 2)
+
+  def body(_, carry):
+    h, s = carry
+    g = jax.grad(loss)(h)
+    u, s = opt.update(g, s, h)
+    return optax.apply_updates(h, u), s
+
+  head, _ = jax.jit(lambda h: jax.lax.fori_loop(0, steps, body, (h, opt.init(h))))(head)
+  return head
+
+
+def linear_probe(clf: train.Classifier, data: pipeline.ImageSplit, p: Mapping[str, Any], *,
+                 seed: int) -> train.Classifier:
+  """Fits `clf`'s head on its frozen features (batch norm on running statistics)."""
+  feats = jax.jit(clf.features)(clf.params, clf.batch_stats, data.images)
+  head = fit_linear_probe(feats, jnp.asarray(data.labels), data.num_classes, lr=p["lr"],
+                          weight_decay=p["weight_decay"], steps=int(p["steps"]), seed=seed)
+  return dataclasses.replace(clf, params=dict(clf.params, head=head))

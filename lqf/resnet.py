@@ -1,0 +1,306 @@
+"""ResNets in Flax NNX, and pure `(params, batch_stats, x)` views of them.
+
+Two families share one `ResNet` class:
+
+* `arch="cifar"`: He et al. (2016) section 4.2, depth 6n+2 (20, 32, 56), BasicBlocks
+  in three stages of widths (w, 2w, 4w), a 3x3 stride-1 stem and no max pool.
+* `arch="imagenet"`: torchvision's ResNet-18/34/50 (v1.5: a Bottleneck strides on its
+  3x3 conv), four stages of widths (w, 2w, 4w, 8w). Layer shapes, padding, bias-free
+  convs and BN epsilon mirror torchvision exactly, so with `width=64` its weights map
+  one to one onto this model (kernels OIHW -> HWIO).
+
+Inputs are NHWC. Linearised fine-tuning needs the network as a pure function of its
+parameters; `split_apply` and `split_train_apply` give that, with batch norm frozen to
+its running statistics or in training mode respectively.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Params = dict[str, Any]
+BatchStats = dict[str, Any]
+ApplyFn = Callable[[Params, BatchStats, jax.Array], jax.Array]
+ApplyTrainFn = Callable[[Params, BatchStats, jax.Array], tuple[jax.Array, BatchStats]]
+
+ARCHS = ("cifar", "imagenet")
+ACTIVATIONS = ("relu", "leaky_relu")
+CIFAR_BLOCKS = {20: 3, 32: 5, 56: 9}  # Blocks per stage: depth = 6n + 2.
+IMAGENET_LAYOUTS = {  # depth -> (block kind, blocks per stage), as in torchvision.
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+}
+BOTTLENECK_EXPANSION = 4
+
+# torchvision's BN defaults; flax's momentum weights the old statistic (torch's 0.1).
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
+# torchvision initialises convs with kaiming_normal_(mode="fan_out", relu); the same
+# here keeps freshly built models statistically comparable to torchvision ones.
+CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+_PAD1 = ((1, 1), (1, 1))
+_PAD3 = ((3, 3), (3, 3))
+
+
+def _activate(x: jax.Array, activation: str, leaky_slope: float) -> jax.Array:
+  if activation == "relu":
+    return jax.nn.relu(x)
+  return jax.nn.leaky_relu(x, negative_slope=leaky_slope)
+
+
+def _conv(cin: int, cout: int, kernel: int, stride: int, *, rngs: nnx.Rngs) -> nnx.Conv:
+  # Explicit symmetric padding: 'SAME' pads asymmetrically at stride 2 and would no
+  # longer match torchvision's outputs for the same weights.
+  padding = {1: "VALID", 3: _PAD1, 7: _PAD3}[kernel]
+  return nnx.Conv(cin, cout, (kernel, kernel), (stride, stride), padding=padding,
+                  use_bias=False, kernel_init=CONV_INIT, rngs=rngs)
+
+
+def _bn(c: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  return nnx.BatchNorm(c, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+
+
+class BasicBlock(nnx.Module):
+  """Two 3x3 convs and a residual: (N, H, W, cin) -> (N, H/stride, W/stride, cout)."""
+
+  def __init__(self, cin: int, cout: int, stride: int, *, activation: str,
+               leaky_slope: float, rngs: nnx.Rngs) -> None:
+    self.activation = activation
+    self.leaky_slope = leaky_slope
+    self.conv1 = _conv(cin, cout, 3, stride, rngs=rngs)
+    self.bn1 = _bn(cout, rngs=rngs)
+    self.conv2 = _conv(cout, cout, 3, 1, rngs=rngs)
+    self.bn2 = _bn(cout, rngs=rngs)
+    self.shortcut_conv, self.shortcut_bn = _projection(cin, cout, stride, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    act = lambda y: _activate(y, self.activation, self.leaky_slope)
+    y = act(self.bn1(self.conv1(x)))
+    y = self.bn2(self.conv2(y))
+    return act(y + _shortcut(self, x))
+
+
+class Bottleneck(nnx.Module):
+  """1x1 -> 3x3 (strided) -> 1x1 convs and a residual.
+
+  (N, H, W, cin) -> (N, H/stride, W/stride, 4 * planes), torchvision v1.5.
+  """
+
+  def __init__(self, cin: int, planes: int, stride: int, *, activation: str,
+               leaky_slope: float, rngs: nnx.Rngs) -> None:
+    cout = planes * BOTTLENECK_EXPANSION
+    self.activation = activation
+    self.leaky_slope = leaky_slope
+    self.conv1 = _conv(cin, planes, 1, 1, rngs=rngs)
+    self.bn1 = _bn(planes, rngs=rngs)
+    self.conv2 = _conv(planes, planes, 3, stride, rngs=rngs)
+    self.bn2 = _bn(planes, rngs=rngs)
+    self.conv3 = _conv(planes, cout, 1, 1, rngs=rngs)
+    self.bn3 = _bn(cout, rngs=rngs)
+    self.shortcut_conv, self.shortcut_bn = _projection(cin, cout, stride, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    act = lambda y: _activate(y, self.activation, self.leaky_slope)
+    y = act(self.bn1(self.conv1(x)))
+    y = act(self.bn2(self.conv2(y)))
+    y = self.bn3(self.conv3(y))
+    return act(y + _shortcut(self, x))
+
+
+def _projection(cin: int, cout: int, stride: int, *, rngs: nnx.Rngs
+                ) -> tuple[nnx.Conv | None, nnx.BatchNorm | None]:
+  # Assigned once, never None-then-module: nnx would freeze a None attribute as static
+  # and then refuse a module in it.
+  if stride == 1 and cin == cout:
+    return None, None
+  return _conv(cin, cout, 1, stride, rngs=rngs), _bn(cout, rngs=rngs)
+
+
+def _shortcut(block: BasicBlock | Bottleneck, x: jax.Array) -> jax.Array:
+  if block.shortcut_conv is None or block.shortcut_bn is None:
+    return x
+  return block.shortcut_bn(block.shortcut_conv(x))
+
+
+def _check_config(arch: str, depth: int, num_classes: int, width: int, activation: str,
+                  leaky_slope: float, in_channels: int) -> None:
+  if arch not in ARCHS:
+    raise ValueError(f"unknown ResNet arch {arch!r}: use one of {', '.join(ARCHS)}")
+  depths = CIFAR_BLOCKS if arch == "cifar" else IMAGENET_LAYOUTS
+  if depth not in depths:
+    raise ValueError(f"unsupported depth {depth!r} for arch {arch!r}: use one of "
+                     f"{', '.join(map(str, depths))}")
+  for name, value in (("width", width), ("num_classes", num_classes),
+                      ("in_channels", in_channels)):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {activation!r}: use one of "
+                     f"{', '.join(ACTIVATIONS)}")
+  if not 0.0 <= leaky_slope < 1.0:
+    raise ValueError(f"leaky_slope must be in [0, 1), got {leaky_slope!r}")
+
+
+class ResNet(nnx.Module):
+  """A CIFAR- or ImageNet-style ResNet; NHWC images in, logits out.
+
+  Attributes:
+    conv_init, bn_init: the stem (plus a 3x3/2 max pool for arch="imagenet").
+    stages: `nnx.List` of stages, each an `nnx.List` of blocks; the first block of a
+      stage downsamples (except stage 0) and carries `shortcut_conv/shortcut_bn` when
+      its input and output shapes differ.
+    head: `nnx.Linear(feature_dim, num_classes)`.
+    feature_dim: width of the pooled embedding: 4w (cifar), 8w (imagenet basic),
+      32w (imagenet bottleneck).
+
+  Batch norm uses batch statistics after `model.train()` (the nnx default) and running
+  statistics after `model.eval()`.
+  """
+
+  def __init__(self, *, arch: str, depth: int, num_classes: int, width: int,
+               activation: str = "leaky_relu", leaky_slope: float = 0.1,
+               in_channels: int = 3, rngs: nnx.Rngs) -> None:
+    _check_config(arch, depth, num_classes, width, activation, leaky_slope, in_channels)
+    self.arch = arch
+    self.depth = depth
+    self.activation = activation
+    self.leaky_slope = float(leaky_slope)
+    block_kw = dict(activation=activation, leaky_slope=self.leaky_slope, rngs=rngs)
+
+    if arch == "cifar":
+      kind, blocks = "basic", (CIFAR_BLOCKS[depth],) * 3
+      widths, strides = (width, 2 * width, 4 * width), (1, 2, 2)
+      self.conv_init = _conv(in_channels, width, 3, 1, rngs=rngs)
+    else:
+      kind, blocks = IMAGENET_LAYOUTS[depth]
+      widths, strides = (width, 2 * width, 4 * width, 8 * width), (1, 2, 2, 2)
+      self.conv_init = _conv(in_channels, width, 7, 2, rngs=rngs)
+    self.bn_init = _bn(width, rngs=rngs)
+
+    expansion = BOTTLENECK_EXPANSION if kind == "bottleneck" else 1
+    cin = width
+    stages = []
+    for stage_width, stage_stride, n in zip(widths, strides, blocks):
+      stage = []
+      for i in range(n):
+        stride = stage_stride if i == 0 else 1
+        if kind == "bottleneck":
+          stage.append(Bottleneck(cin, stage_width, stride, **block_kw))
+        else:
+          stage.append(BasicBlock(cin, stage_width, stride, **block_kw))
+        cin = stage_width * expansion
+      stages.append(nnx.List(stage))
+    self.stages = nnx.List(stages)
+    self.feature_dim: int = cin
+    self.head = nnx.Linear(cin, num_classes, rngs=rngs)
+
+  def features(self, x: jax.Array) -> jax.Array:
+    """(N, H, W, in_channels) -> globally average-pooled embedding (N, feature_dim)."""
+    y = _activate(self.bn_init(self.conv_init(x)), self.activation, self.leaky_slope)
+    if self.arch == "imagenet":
+      y = nnx.max_pool(y, (3, 3), (2, 2), padding=_PAD1)
+    for stage in self.stages:
+      for block in stage:
+        y = block(y)
+    return jnp.mean(y, axis=(1, 2))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """(N, H, W, in_channels) -> logits (N, num_classes)."""
+    return self.head(self.features(x))
+
+
+def build_resnet(cfg: Mapping[str, Any], *, rngs: nnx.Rngs) -> ResNet:
+  """Builds a `ResNet` from a config with keys arch, depth, width, num_classes,
+  activation, leaky_slope, in_channels (e.g. an ml_collections.ConfigDict)."""
+  return ResNet(arch=cfg["arch"], depth=cfg["depth"], width=cfg["width"],
+                num_classes=cfg["num_classes"], activation=cfg["activation"],
+                leaky_slope=cfg["leaky_slope"], in_channels=cfg["in_channels"],
+                rngs=rngs)
+
+
+def replace_head(model: ResNet, num_classes: int, *, rngs: nnx.Rngs) -> ResNet:
+  """Gives `model` a fresh `nnx.Linear(feature_dim, num_classes)` head, in place.
+
+  The head keeps nnx's default (lecun normal) initialisation on purpose: with a zero
+  head the logits' Jacobian with respect to every backbone parameter is zero, which
+  would make the linearised model blind to the backbone.
+  """
+  if not isinstance(num_classes, (int, np.integer)) or num_classes <= 0:
+    raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+  model.head = nnx.Linear(model.feature_dim, int(num_classes), rngs=rngs)
+  return model
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a pytree of arrays (or ShapeDtypeStructs, or an nnx.State)."""
+  return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(params)))
+
+
+def _pure_view(model: ResNet, *, use_running_average: bool
+               ) -> tuple[Callable[[Params, BatchStats], ResNet], Params, BatchStats]:
+  """Splits a BN-mode view of `model`; returns `(rebuild, params, batch_stats)`.
+
+  `rebuild(params, batch_stats)` makes a new model whose Variables are all new objects:
+  `nnx.merge` reuses the Variables of the State it is given, and those of `nnx.split`
+  are the model's own, so merging them directly would let train-mode BN write into the
+  original model.
+  """
+  view = nnx.view(model, use_running_average=use_running_average)
+  graphdef, params_state, stats_state, rest = nnx.split(view, nnx.Param, nnx.BatchStat, ...)
+
+  def rebuild(params: Params, batch_stats: BatchStats) -> ResNet:
+    new_params = jax.tree.map(lambda v: v, params_state)  # Fresh Variable objects.
+    new_stats = jax.tree.map(lambda v: v, stats_state)
+    nnx.replace_by_pure_dict(new_params, params)
+    nnx.replace_by_pure_dict(new_stats, batch_stats)
+    return nnx.merge(graphdef, new_params, new_stats, jax.tree.map(lambda v: v, rest))
+
+  return rebuild, nnx.to_pure_dict(params_state), nnx.to_pure_dict(stats_state)
+
+
+def split_apply(model: ResNet, output: Literal["logits", "features"] = "logits"
+                ) -> tuple[ApplyFn, Params, BatchStats]:
+  """Returns `(apply, params, batch_stats)` with BN frozen to running statistics.
+
+  `apply(params, batch_stats, x)` maps (N, H, W, C) to logits (N, num_classes), or to
+  features (N, feature_dim) with `output="features"`. It is pure (it neither mutates
+  `model` nor updates statistics, whatever mode `model` is in), so it can be passed to
+  `jax.jit`, `jax.jvp` and `jax.grad`. `params` and `batch_stats` are plain nested dicts
+  (`nnx.to_pure_dict` of the states; list indices are int keys, "0"-style keys also work).
+  """
+  if output not in ("logits", "features"):
+    raise ValueError(f"unknown output {output!r}: use 'logits' or 'features'")
+  rebuild, params, batch_stats = _pure_view(model, use_running_average=True)
+
+  def apply(params: Params, batch_stats: BatchStats, x: jax.Array) -> jax.Array:
+    net = rebuild(params, batch_stats)
+    return net(x) if output == "logits" else net.features(x)
+
+  return apply, params, batch_stats
+
+
+def split_train_apply(model: ResNet) -> tuple[ApplyTrainFn, Params, BatchStats]:
+  """Returns `(train_apply, params, batch_stats)` with BN in training mode.
+
+  `train_apply(params, batch_stats, x) -> (logits, new_batch_stats)` normalises with
+  the batch's statistics and returns the running statistics after one momentum update
+  (`new = 0.9 * old + 0.1 * batch`, biased batch variance as in flax). It is pure, for a
+  functional optax loop; `model` is left untouched.
+  """
+  rebuild, params, batch_stats = _pure_view(model, use_running_average=False)
+
+  def train_apply(params: Params, batch_stats: BatchStats, x: jax.Array
+                  ) -> tuple[jax.Array, BatchStats]:
+    net = rebuild(params, batch_stats)
+    logits = net(x)
+    return logits, nnx.to_pure_dict(nnx.state(net, nnx.BatchStat))
+
+  return train_apply, params, batch_stats

@@ -1,0 +1,37 @@
+"""Strict, hermetic test settings.
+
+Eight fake CPU devices (set before jax is imported) so sharded code can be tested on one
+machine, and a private TFDS data directory so tests never read or write the user's.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tfds_data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tfds"))
+  os.environ["TFDS_DATA_DIR"] = path
+  yield path
+
+
+@pytest.fixture
+def tiny_config():
+  """The digits pretraining config shrunk to run in seconds."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "digits_pretrain", os.path.join(os.path.dirname(__file__), "..", "configs",
+                                      "digits_pretrain.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config()
+  cfg.model.width = 4
+  cfg.data.image_size = 8
+  cfg.train.update(dict(steps=6, batch_size=32, warmup_steps=1, checkpoint_every=2,
+                        eval_every=3, log_every=1))
+  return cfg

@@ -1,0 +1,61 @@
+"""The command line as a user meets it: one-line errors, exit code 2, nothing written."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/digits_pretrain.py"
+TINY = ["--config.model.width=4", "--config.data.image_size=8", "--config.train.steps=2",
+        "--config.train.batch_size=16", "--config.train.checkpoint_every=1"]
+
+
+def run(*args, cwd=ROOT):
+  return subprocess.run([sys.executable, "-m", "lqf", *args], cwd=cwd, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ))
+
+
+def _assert_one_line_error(proc, match):
+  assert proc.returncode == 2, proc.stderr
+  assert "Traceback" not in proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and match in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("override, match", [
+    ("--config.data.name=imagenet_nope", "unknown dataset 'imagenet_nope'"),
+    ("--config.model.arch=vgg", "unknown model.arch 'vgg'"),
+    ("--config.train.lrr=0.1", "unknown config key 'train.lrr'"),
+    ("--config.train.lr=0", "train.lr must be positive"),
+    ("--config.train.lr=-0.1", "train.lr must be positive"),
+    ("--config.train.batch_size=0", "train.batch_size must be positive"),
+])
+def test_bad_input_gets_one_line_and_exit_2(tmp_path, override, match):
+  workdir = tmp_path / "run"
+  proc = run("pretrain", "--config", CONFIG, "--workdir", str(workdir), override)
+  _assert_one_line_error(proc, match)
+  assert not workdir.exists()
+
+
+def test_workdir_of_another_architecture(tmp_path):
+  workdir = tmp_path / "run"
+  ok = run("pretrain", "--config", CONFIG, "--workdir", str(workdir), "--no_progress", *TINY)
+  assert ok.returncode == 0, ok.stderr
+  assert "eval accuracy" in ok.stdout
+  before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+  proc = run("pretrain", "--config", CONFIG, "--workdir", str(workdir), *TINY,
+             "--config.model.depth=32")
+  _assert_one_line_error(proc, "different architecture")
+  assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+  # The same command again reuses the finished run.
+  again = run("pretrain", "--config", CONFIG, "--workdir", str(workdir), "--no_progress", *TINY)
+  assert again.returncode == 0 and again.stdout == ok.stdout
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  proc = run("pretrain", "--config", CONFIG, "--workdir", str(blocker / "run"), *TINY)
+  _assert_one_line_error(proc, "cannot be written")

@@ -1,0 +1,78 @@
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from lqf import checkpoint, train
+from lqf.errors import UserError
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(_leaves(a), _leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def _final_state(workdir, cfg):
+  _, clf = train.load_pretrained(str(workdir))
+  return {"params": clf.params, "batch_stats": clf.batch_stats}
+
+
+def test_checkpoint_round_trip(tmp_path):
+  state = {"params": {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3)},
+           "step": np.int32(7)}
+  mgr = checkpoint.manager(str(tmp_path))
+  checkpoint.save(mgr, 7, state)
+  mgr.wait_until_finished()
+  like = jax.tree.map(np.zeros_like, state)
+  restored, step = checkpoint.restore_latest(mgr, like)
+  assert step == 7
+  _assert_trees_equal(restored, state)
+
+
+def test_pretrain_is_deterministic_and_learns(tiny_config, tmp_path):
+  a = train.pretrain(tiny_config, str(tmp_path / "a"), progress=False)
+  b = train.pretrain(tiny_config, str(tmp_path / "b"), progress=False)
+  _assert_trees_equal(_final_state(tmp_path / "a", tiny_config),
+                      _final_state(tmp_path / "b", tiny_config))
+  assert a == b
+  assert a["eval"]["count"] == 600
+  records = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
+  assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+  assert [r["step"] for r in records if r["split"] == "eval"] == [3, 6]
+  assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["2", "4", "6"]
+
+
+def test_interrupted_run_resumes_to_the_same_parameters(tiny_config, tmp_path):
+  train.pretrain(tiny_config, str(tmp_path / "full"), progress=False)
+  # Stopped after 3 steps; the checkpoint is at step 2, so step 3 is redone.
+  train.pretrain(tiny_config, str(tmp_path / "cut"), stop_at_step=3, progress=False)
+  assert not (tmp_path / "cut" / "final_metrics.json").exists()
+  resumed = train.pretrain(tiny_config, str(tmp_path / "cut"), progress=False)
+  _assert_trees_equal(_final_state(tmp_path / "full", tiny_config),
+                      _final_state(tmp_path / "cut", tiny_config))
+  full = json.load(open(tmp_path / "full" / "final_metrics.json"))
+  assert resumed == full
+  steps = [json.loads(l)["step"] for l in open(tmp_path / "cut" / "metrics.jsonl")]
+  assert steps == [json.loads(l)["step"] for l in open(tmp_path / "full" / "metrics.jsonl")]
+
+
+def test_workdir_of_another_architecture_is_refused(tiny_config, tmp_path):
+  train.pretrain(tiny_config, str(tmp_path), stop_at_step=2, progress=False)
+  before = sorted(p.name for p in tmp_path.rglob("*"))
+  tiny_config.model.depth = 32
+  with pytest.raises(UserError, match="different architecture .*model.depth"):
+    train.pretrain(tiny_config, str(tmp_path), progress=False)
+  assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_load_pretrained_refuses_an_unfinished_run(tiny_config, tmp_path):
+  train.pretrain(tiny_config, str(tmp_path), stop_at_step=2, progress=False)
+  with pytest.raises(UserError, match="has not finished"):
+    train.load_pretrained(str(tmp_path))
