@@ -51,6 +51,7 @@ def meta(command: str, seeds: Sequence[int]) -> dict[str, Any]:
 def ensure_pretrained(cfg: Mapping[str, Any], quick: bool) -> train.Classifier:
   """The finished pretraining run of `cfg.pretrain_workdir`, trained first if needed."""
   workdir = cfg["pretrain_workdir"] + ("_quick" if quick else "")
+  print(f"pretrained model: {workdir}", file=sys.stderr)
   try:
     _, clf = train.load_pretrained(workdir)
     return clf
@@ -85,11 +86,19 @@ def _arm_fns(cfg, pretrained: train.Classifier, pre_cfg: Mapping[str, Any]
   return {"finetune": ft, "probe": probe, "scratch": scratch}
 
 
+QUICK = ("finetune.steps=10", "scratch.steps=10", "probe.steps=20",
+         "lr_grid.finetune=(0.003,)", "lr_grid.scratch=(0.1,)", "lr_grid.probe=(0.01,)")
+
+
 def transfer(*, seeds: int = 5, quick: bool = False, shots: Sequence[int] | None = None,
-             config_path: str = TRANSFER_CONFIG) -> dict[str, Any]:
-  """Runs the transfer benchmark; returns the result document (see module docstring)."""
-  overrides = ["finetune.steps=10", "scratch.steps=10", "probe.steps=20"] if quick else []
-  cfg = config_lib.load(config_path, overrides)
+             config_path: str = TRANSFER_CONFIG, overrides: Sequence[str] = ()
+             ) -> dict[str, Any]:
+  """Runs the transfer benchmark; returns the result document (see module docstring).
+
+  `quick` shrinks every arm to a few steps and one learning rate: a smoke test of the
+  machinery, not a measurement.
+  """
+  cfg = config_lib.load(config_path, (QUICK if quick else ()) + tuple(overrides))
   pre_cfg = config_lib.to_dict(config_lib.load(cfg.pretrain_config))
   pretrained = ensure_pretrained(cfg, quick)
   d = cfg.data
@@ -141,13 +150,15 @@ def transfer_goals(result: Mapping[str, Any], k: int = 5) -> dict[str, Any]:
           "best_method": best, "best_in_60_95": 0.60 <= best <= 0.95}
 
 
-def run(name: str, *, json_path: str, seeds: int, quick: bool) -> dict[str, Any]:
+def run(name: str, *, json_path: str, seeds: int, quick: bool,
+        overrides: Sequence[str] = ()) -> dict[str, Any]:
+  """Runs benchmark `name` and writes its JSON document to `json_path` atomically."""
   if seeds < 1:
     raise UserError(f"--seeds must be at least 1, got {seeds}")
   command = " ".join(["python -m lqf bench", name, "--json", json_path, "--seeds", str(seeds)]
                      + (["--quick"] if quick else []))
   if name == "transfer":
-    result = transfer(seeds=seeds, quick=quick)
+    result = transfer(seeds=seeds, quick=quick, overrides=overrides)
     result["goals"] = transfer_goals(result)
   else:
     raise UserError(f"unknown benchmark {name!r}: use transfer")

@@ -1,0 +1,46 @@
+import json
+
+import numpy as np
+
+from lqf import bench
+
+
+def test_summary_is_mean_and_sample_std():
+  s = bench.summary([0.5, 0.7, 0.9])
+  assert s["mean"] == np.mean([0.5, 0.7, 0.9])
+  assert np.isclose(s["std"], np.std([0.5, 0.7, 0.9], ddof=1))
+  assert s["values"] == [0.5, 0.7, 0.9]
+  assert bench.summary([0.3])["std"] == 0.0
+
+
+def _arm(mean):
+  return {"accuracy": bench.summary([mean, mean])}
+
+
+def test_transfer_goals():
+  ok = {"arms": {"finetune@5shot": _arm(0.8), "scratch@5shot": _arm(0.6),
+                 "probe@5shot": _arm(0.85), "no_adaptation": _arm(0.99)}}
+  g = bench.transfer_goals(ok)
+  assert g["finetune_beats_scratch_by_10"] and g["best_in_60_95"] and g["best_method"] == 0.85
+  bad = {"arms": {"finetune@5shot": _arm(0.65), "scratch@5shot": _arm(0.6),
+                  "probe@5shot": _arm(0.97)}}
+  g = bench.transfer_goals(bad)
+  assert not g["finetune_beats_scratch_by_10"] and not g["best_in_60_95"]
+
+
+def test_quick_transfer_bench_writes_the_documented_json(tmp_path):
+  out = tmp_path / "t.json"
+  doc = bench.run("transfer", json_path=str(out), seeds=2, quick=True,
+                  overrides=[f"pretrain_workdir={tmp_path / 'pre'}"])
+  on_disk = json.loads(out.read_text())
+  assert on_disk == json.loads(json.dumps(doc))
+  assert set(on_disk["meta"]) >= {"command", "seeds", "device", "date", "versions"}
+  assert on_disk["meta"]["seeds"] == [0, 1]
+  assert set(on_disk["arms"]) == {"finetune@5shot", "probe@5shot", "scratch@5shot",
+                                  "no_adaptation"}
+  for arm in on_disk["arms"].values():
+    acc = arm["accuracy"]
+    assert len(acc["values"]) == 2 and 0 <= acc["mean"] <= 1
+    assert np.isclose(acc["mean"], np.mean(acc["values"]))
+  assert "best_in_60_95" in on_disk["goals"]
+  assert "finetune@5shot" in bench.format_table(on_disk)
