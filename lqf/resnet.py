@@ -304,3 +304,49 @@ def split_train_apply(model: ResNet) -> tuple[ApplyTrainFn, Params, BatchStats]:
     return logits, nnx.to_pure_dict(nnx.state(net, nnx.BatchStat))
 
   return train_apply, params, batch_stats
+
+
+SPLIT_POINTS = ("input", "last_stage", "head")
+
+
+def split_at(model: ResNet, point: str
+             ) -> tuple[Callable[[Params, BatchStats, jax.Array], jax.Array], ApplyFn]:
+  """Cuts the network (batch norm on running statistics) into `prefix` and `suffix`.
+
+  `suffix(params, batch_stats, prefix(params, batch_stats, x))` equals
+  `split_apply(model)[0](params, batch_stats, x)`. `point` is where the suffix starts:
+  "input" (the suffix is the whole network, the prefix the identity), "last_stage" (the
+  last stage, pooling and head) or "head" (the head on pooled features). Linearizing
+  only the suffix lets its frozen input be computed once per image and reused.
+  """
+  if point not in SPLIT_POINTS:
+    raise ValueError(f"unknown split point {point!r}: use one of {', '.join(SPLIT_POINTS)}")
+  rebuild, _, _ = _pure_view(model, use_running_average=True)
+  n_stages = len(model.stages)
+  first = {"input": 0, "last_stage": n_stages - 1, "head": n_stages}[point]
+
+  def prefix(params: Params, batch_stats: BatchStats, x: jax.Array) -> jax.Array:
+    if point == "input":
+      return x
+    net = rebuild(params, batch_stats)
+    y = _activate(net.bn_init(net.conv_init(x)), net.activation, net.leaky_slope)
+    if net.arch == "imagenet":
+      y = nnx.max_pool(y, (3, 3), (2, 2), padding=_PAD1)
+    for stage in list(net.stages)[:first]:
+      for block in stage:
+        y = block(y)
+    return jnp.mean(y, axis=(1, 2)) if point == "head" else y
+
+  def suffix(params: Params, batch_stats: BatchStats, h: jax.Array) -> jax.Array:
+    net = rebuild(params, batch_stats)
+    if point == "input":
+      return net(h)
+    if point == "head":
+      return net.head(h)
+    y = h
+    for stage in list(net.stages)[first:]:
+      for block in stage:
+        y = block(y)
+    return net.head(jnp.mean(y, axis=(1, 2)))
+
+  return prefix, suffix

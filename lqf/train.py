@@ -64,6 +64,7 @@ class Classifier:
   apply: Callable[..., jax.Array]
   train_apply: Callable[..., tuple[jax.Array, PyTree]]
   features: Callable[..., jax.Array]
+  split_at: Callable[[str], tuple[Callable[..., jax.Array], Callable[..., jax.Array]]]
   params: PyTree
   batch_stats: PyTree
 
@@ -75,7 +76,8 @@ def build_classifier(model_cfg: Mapping[str, Any], num_classes: int, in_channels
   apply, params, batch_stats = resnet.split_apply(model)
   train_apply, _, _ = resnet.split_train_apply(model)
   features, _, _ = resnet.split_apply(model, output="features")
-  return Classifier(apply, train_apply, features, params, batch_stats)
+  return Classifier(apply, train_apply, features, functools.partial(resnet.split_at, model),
+                    params, batch_stats)
 
 
 def make_train_step(clf: Classifier, optimizer: optax.GradientTransformation,

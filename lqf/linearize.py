@@ -1,0 +1,108 @@
+"""The linearized network `f_lin(x; δ) = f(x; w0) + J(x) δ`, with one `jax.jvp`.
+
+Only a suffix of the network may be linearized (`scope`): "all" (every weight),
+"last_stage" (the last residual stage and the head) or "head". The frozen prefix is
+computed once per image (`Linearized.prefix`), so training touches only the suffix.
+
+kfac-jax sees Kronecker-factorable conv/dense layers only if the optimised variable is
+`δ` itself, fed as the tangent of `jax.jvp(f, (w0,), (δ,))`; forming `w0 + δ` inside the
+loss makes every layer fall back to a diagonal block. So `δ` is the parameter, and `w0`,
+the frozen weights and the batch statistics travel as `LinState`, an argument rather
+than a closure (closed-over arrays become constants that XLA folds at length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+SCOPES = {"all": "input", "last_stage": "last_stage", "head": "head"}
+LinState = dict[str, PyTree]  # {"w0": linearized weights, "params": all weights, "batch_stats"}
+
+
+def linearized_subtree(params: Mapping[str, Any], scope: str, *,
+                       batch_norm: bool = False) -> dict[str, Any]:
+  """The part of `params` that `scope` linearizes, as a nested dict of the same keys.
+
+  Batch-norm scales and shifts are left frozen unless `batch_norm`: kfac-jax can only
+  give them diagonal blocks, which underestimate their curvature (a shift moves a whole
+  channel at once) badly enough to make K-FAC steps diverge.
+  """
+  if scope == "all":
+    part = dict(params)
+  elif scope == "head":
+    part = {"head": params["head"]}
+  elif scope == "last_stage":
+    stages = params["stages"]
+    last = max(stages, key=int)
+    part = {"stages": {last: stages[last]}, "head": params["head"]}
+  else:
+    raise ValueError(f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
+  return part if batch_norm else _drop_batch_norm(part)
+
+
+def _drop_batch_norm(tree: Mapping[Any, Any]) -> dict[Any, Any]:
+  return {k: _drop_batch_norm(v) if isinstance(v, Mapping) else v for k, v in tree.items()
+          if not (isinstance(k, str) and "bn" in k)}
+
+
+def merge(params: Mapping[str, Any], part: Mapping[str, Any]) -> dict[str, Any]:
+  """`params` with the leaves of `part` (a nested subset of its keys) put in."""
+  out = dict(params)
+  for k, v in part.items():
+    out[k] = merge(params[k], v) if isinstance(v, Mapping) else v
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Linearized:
+  """A network linearized around `state["w0"]`.
+
+  prefix(x) -> h: the frozen part, [N, ...] -> [N, ...] (identity for scope "all").
+  apply(δ, state, h) -> logits [N, C]: `f(h; w0) + J(h) δ`, linear in δ.
+  nonlinear(w, state, h) -> logits: the suffix itself at weights w (for comparisons).
+  """
+  prefix: Callable[[jax.Array], jax.Array]
+  apply: Callable[[PyTree, LinState, jax.Array], jax.Array]
+  nonlinear: Callable[[PyTree, LinState, jax.Array], jax.Array]
+  state: LinState
+  scope: str
+
+  def zeros(self) -> PyTree:
+    """δ = 0, in fresh buffers (kfac-jax donates δ; it must never alias w0)."""
+    return jax.tree.map(jnp.zeros_like, self.state["w0"])
+
+
+def linearize(split_at: Callable[[str], tuple[Callable, Callable]], params: PyTree,
+              batch_stats: PyTree, scope: str, *, batch_norm: bool = False) -> Linearized:
+  """Linearizes a network given by `split_at` (see `resnet.split_at`) around `params`;
+  `scope` and `batch_norm` choose the weights (see `linearized_subtree`)."""
+  if scope not in SCOPES:
+    raise ValueError(f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
+  prefix_fn, suffix_fn = split_at(SCOPES[scope])
+
+  def nonlinear(w: PyTree, state: LinState, h: jax.Array) -> jax.Array:
+    return suffix_fn(merge(state["params"], w), state["batch_stats"], h)
+
+  def apply(delta: PyTree, state: LinState, h: jax.Array) -> jax.Array:
+    y0, jd = jax.jvp(lambda w: nonlinear(w, state, h), (state["w0"],), (delta,))
+    return y0 + jd
+
+  w0 = linearized_subtree(params, scope, batch_norm=batch_norm)
+  state = {"w0": jax.tree.map(jnp.array, w0),
+           "params": params, "batch_stats": batch_stats}
+  prefix = jax.jit(lambda x: prefix_fn(params, batch_stats, x))
+  return Linearized(prefix=prefix, apply=apply, nonlinear=nonlinear, state=state, scope=scope)
+
+
+def prefix_features(lin: Linearized, images: jax.Array, batch_size: int = 256) -> jax.Array:
+  """`lin.prefix` over a whole array of images, in batches. [N, ...] -> [N, ...]."""
+  if lin.scope == "all":
+    return jnp.asarray(images)
+  return jnp.concatenate([lin.prefix(images[i:i + batch_size])
+                          for i in range(0, len(images), batch_size)])

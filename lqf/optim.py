@@ -1,0 +1,130 @@
+"""Iterative optimisers for the linearized objective: K-FAC (kfac-jax), SGD with
+momentum and Adam (optax).
+
+All three minimise the same `objective(δ, state, batch)` over batches of cached prefix
+features. The linearized problem's curvature does not depend on δ, so K-FAC can
+estimate its Kronecker factors once (`curvature="once"`, from `burnin_steps` batches)
+and invert them once, instead of tracking a moving average (`curvature="ema"`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import kfac_jax
+import numpy as np
+import optax
+
+from lqf.data import pipeline
+from lqf.errors import NonFiniteLossError
+from lqf.linearize import LinState
+
+PyTree = Any
+Objective = Callable[[PyTree, LinState, tuple[jax.Array, jax.Array]], jax.Array]
+OPTIMIZERS = ("kfac", "sgd", "adam")
+
+
+def batches(feats: jax.Array, labels: jax.Array, batch_size: int, seed: int,
+            start: int = 0) -> Iterator[tuple[jax.Array, jax.Array]]:
+  """Batch `s` is `pipeline.batch_indices(N, B, s, seed)`: a pure function of the step.
+  The whole set, in order, when B ≥ N (full-batch steps on few-shot data)."""
+  n = len(labels)
+  step = start
+  while True:
+    if batch_size >= n:
+      # A copy: kfac-jax's burn-in donates its batch, and these arrays are the caller's.
+      yield jnp.array(feats), jnp.array(labels)
+    else:
+      idx = jnp.asarray(pipeline.batch_indices(n, batch_size, step, seed))
+      yield feats[idx], labels[idx]
+    step += 1
+
+
+def make_kfac(objective: Objective, o: Mapping[str, Any], l2: float) -> kfac_jax.Optimizer:
+  """A kfac-jax optimiser for `objective`; `l2` = 2λ, the penalty's curvature."""
+
+  def with_state(delta, state, batch):
+    return objective(delta, state, batch), state
+
+  once = o["curvature"] == "once"
+  period = int(o["steps"]) + 1 if once else int(o["inverse_every"])
+  adaptive = bool(o["adaptive"])
+  return kfac_jax.Optimizer(
+      value_and_grad_func=jax.value_and_grad(with_state, has_aux=True),
+      l2_reg=l2, value_func_has_aux=False, value_func_has_state=True,
+      value_func_has_rng=False,
+      use_adaptive_learning_rate=adaptive, use_adaptive_momentum=adaptive,
+      use_adaptive_damping=False,
+      learning_rate_schedule=None if adaptive else (lambda s: o["lr"]),
+      momentum_schedule=None if adaptive else (lambda s: o["momentum"]),
+      damping_schedule=lambda s: o["damping"],
+      num_burnin_steps=int(o["burnin_steps"]),
+      curvature_ema=0.0 if once else 0.95,
+      curvature_update_period=period if once else 1, inverse_update_period=period,
+      estimation_mode="ggn_curvature_prop", multi_device=False)
+
+
+def kfac_blocks(opt: kfac_jax.Optimizer) -> tuple[Any, ...]:
+  """The curvature blocks kfac-jax registered (after `init`)."""
+  return opt._estimator.blocks  # No public accessor in kfac-jax 0.0.8.
+
+
+def fit(objective: Objective, delta0: PyTree, state: LinState, feats: jax.Array,
+        labels: jax.Array, o: Mapping[str, Any], *, l2: float, seed: int,
+        callback: Callable[[int, PyTree], None] | None = None
+        ) -> tuple[PyTree, list[float]]:
+  """Minimises `objective` from `delta0` for `o["steps"]` steps with `o["optimizer"]`.
+
+  Returns the final δ and the objective on each step's batch. `callback(step, δ)` is
+  called after every step (for checkpoints and optimality-gap curves).
+  """
+  name = o["optimizer"]
+  batch_size = int(o["batch_size"])
+  data = batches(feats, labels, batch_size, seed)
+  history: list[float] = []
+  # Fresh buffers: kfac-jax donates δ and the function state, which the caller keeps.
+  delta = jax.tree.map(jnp.array, delta0)
+  state = jax.tree.map(jnp.array, state)
+  if name == "kfac":
+    opt = make_kfac(objective, o, l2)
+    rng = jax.random.key(seed)
+    opt_state = opt.init(delta, rng, next(batches(feats, labels, batch_size, seed)),
+                         func_state=state)
+    for step in range(int(o["steps"])):
+      rng, sub = jax.random.split(rng)
+      # At step 0 kfac-jax first estimates the factors on `burnin_steps` batches.
+      delta, opt_state, state, stats = opt.step(delta, opt_state, sub, data_iterator=data,
+                                                func_state=state, global_step_int=step)
+      _record(history, stats["loss"], step)
+      if callback is not None:
+        callback(step + 1, delta)
+    return delta, history
+  if name not in ("sgd", "adam"):
+    raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
+  tx = optax.sgd(o["lr"], momentum=o["momentum"]) if name == "sgd" else optax.adam(o["lr"])
+
+  @jax.jit
+  def step_fn(delta, opt_state, state, batch):
+    loss, grads = jax.value_and_grad(objective)(delta, state, batch)
+    updates, opt_state = tx.update(grads, opt_state, delta)
+    return optax.apply_updates(delta, updates), opt_state, loss
+
+  opt_state = tx.init(delta)
+  for step in range(int(o["steps"])):
+    delta, opt_state, loss = step_fn(delta, opt_state, state, next(data))
+    _record(history, loss, step)
+    if callback is not None:
+      callback(step + 1, delta)
+  return delta, history
+
+
+def _record(history: list[float], loss: jax.Array, step: int) -> None:
+  value = float(loss)
+  if not np.isfinite(value):
+    raise NonFiniteLossError(
+        f"the LQF objective became {value} at step {step + 1}: lower the learning rate "
+        "or raise the damping (--config.lqf.lr / --config.lqf.damping)")
+  history.append(value)
