@@ -24,6 +24,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m lqf bench transfer --json results/transfer.json
+	$(PY) -m lqf bench accuracy --json results/lqf_accuracy.json --shots 5,10
+	$(PY) -m lqf bench accuracy --json results/lqf_accuracy_full.json --shots 0
 
 clean:
 	rm -rf $(VENV) runs

@@ -35,7 +35,16 @@ def get_config() -> ml_collections.ConfigDict:
       optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64, steps=300,
       warmup_steps=10, checkpoint_every=300, eval_every=300, log_every=300, train_bn=True)
   c.probe = dict(lr=0.01, weight_decay=1e-3, steps=300)
+  # LQF: every conv and dense kernel linearized (batch norm frozen), squared loss against
+  # k·one-hot, ridge λ toward w0, K-FAC with factors estimated and inverted once and the
+  # step size and momentum from the exact quadratic model (full batch).
+  c.lqf = dict(
+      scope="all", batch_norm=False, loss="mse", k=5.0, lam=1e-4, optimizer="kfac",
+      lr=1.0, momentum=0.9, steps=30, batch_size=512, curvature="once", inverse_every=5,
+      adaptive=True, damping=1e-3, burnin_steps=1)
+  # The ReLU ablation needs a ReLU backbone, pretrained the same way.
+  c.pretrain_relu_workdir = "runs/digits_pretrain_relu"
   # Each arm's learning rate is picked from its grid on the validation split.
   c.lr_grid = dict(finetune=(0.0003, 0.001, 0.003, 0.01), scratch=(0.03, 0.1, 0.3, 1.0),
-                   probe=(0.001, 0.003, 0.01, 0.03))
+                   probe=(0.001, 0.003, 0.01, 0.03), lqf_sgd=(1e-4, 3e-4, 1e-3))
   return c

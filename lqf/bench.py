@@ -48,97 +48,144 @@ def meta(command: str, seeds: Sequence[int]) -> dict[str, Any]:
           "versions": versions, "python": sys.version.split()[0]}
 
 
-def ensure_pretrained(cfg: Mapping[str, Any], quick: bool) -> train.Classifier:
-  """The finished pretraining run of `cfg.pretrain_workdir`, trained first if needed."""
-  workdir = cfg["pretrain_workdir"] + ("_quick" if quick else "")
+def ensure_pretrained(cfg: Mapping[str, Any], quick: bool, *, workdir_key: str = "pretrain_workdir",
+                      overrides: Sequence[str] = ()) -> train.Classifier:
+  """The finished pretraining run of `cfg[workdir_key]`, trained first if needed."""
+  workdir = cfg[workdir_key] + ("_quick" if quick else "")
   print(f"pretrained model: {workdir}", file=sys.stderr)
   try:
-    _, clf = train.load_pretrained(workdir)
-    return clf
+    return train.load_pretrained(workdir)[1]
   except UserError:
     pass
-  pre = config_lib.load(cfg["pretrain_config"],
-                        ["train.steps=20", "train.checkpoint_every=10"] if quick else [])
+  quick_overrides = ["train.steps=20", "train.checkpoint_every=10"] if quick else []
+  pre = config_lib.load(cfg["pretrain_config"], quick_overrides + list(overrides))
   print(f"pretraining into {workdir} ...", file=sys.stderr)
   train.pretrain(pre, workdir)
   return train.load_pretrained(workdir)[1]
 
 
-def _arm_fns(cfg, pretrained: train.Classifier, pre_cfg: Mapping[str, Any]
-             ) -> dict[str, Callable[[pipeline.ImageSplit, int, float], train.Classifier]]:
-  """Each arm as `(few-shot data, seed, lr) -> adapted classifier`."""
+Predict = Callable[[np.ndarray], jax.Array]
+Arm = Callable[[pipeline.ImageSplit, int, float | None], Predict]
+
+
+def _predictor(clf: train.Classifier) -> Predict:
+  apply = jax.jit(clf.apply)
+  return lambda x: apply(clf.params, clf.batch_stats, x)
+
+
+def make_arms(cfg, names: Sequence[str], quick: bool) -> dict[str, Arm]:
+  """Each arm as `(few-shot data, seed, lr) -> predict`; lr None = the arm has no grid."""
+  pre_cfg = config_lib.to_dict(config_lib.load(cfg["pretrain_config"]))
   model_cfg, channels = pre_cfg["model"], cfg["data"]["channels"]
+  pretrained = ensure_pretrained(cfg, quick)
+
+  def new_head(data, seed, base=pretrained, model=model_cfg):
+    return finetune.with_new_head(base, model, data.num_classes, channels, seed)
 
   def ft(data, seed, lr):
-    clf = finetune.with_new_head(pretrained, model_cfg, data.num_classes, channels, seed)
     t = dict(cfg["finetune"], lr=lr)
-    return finetune.finetune(clf, data, t, seed=seed, train_bn=t["train_bn"])
+    return _predictor(finetune.finetune(new_head(data, seed), data, t, seed=seed,
+                                        train_bn=t["train_bn"]))
 
   def scratch(data, seed, lr):
     clf = train.build_classifier(model_cfg, data.num_classes, channels, seed + 1000)
     t = dict(cfg["scratch"], lr=lr)
-    return finetune.finetune(clf, data, t, seed=seed, train_bn=t["train_bn"])
+    return _predictor(finetune.finetune(clf, data, t, seed=seed, train_bn=t["train_bn"]))
 
   def probe(data, seed, lr):
-    clf = finetune.with_new_head(pretrained, model_cfg, data.num_classes, channels, seed)
-    return finetune.linear_probe(clf, data, dict(cfg["probe"], lr=lr), seed=seed)
+    return _predictor(finetune.linear_probe(new_head(data, seed), data,
+                                            dict(cfg["probe"], lr=lr), seed=seed))
 
-  return {"finetune": ft, "probe": probe, "scratch": scratch}
+  def lqf_arm(**changes):
+    def arm(data, seed, lr):
+      c = dict(cfg["lqf"], **changes)
+      if lr is not None:
+        c["lr"] = lr
+      base, model = pretrained, model_cfg
+      if changes.get("relu"):
+        base = ensure_pretrained(cfg, quick, workdir_key="pretrain_relu_workdir",
+                                 overrides=["model.activation=relu"])
+        model = dict(model_cfg, activation="relu")
+      return finetune.lqf(new_head(data, seed, base, model), data, c, seed=seed)[0]
+    return arm
+
+  arms = {"finetune": ft, "probe": probe, "scratch": scratch,
+          "lqf": lqf_arm(), "lqf_relu": lqf_arm(relu=True), "lqf_ce": lqf_arm(loss="ce"),
+          "lqf_sgd": lqf_arm(optimizer="sgd", adaptive=False)}
+  return {n: arms[n] for n in names}
 
 
-QUICK = ("finetune.steps=10", "scratch.steps=10", "probe.steps=20",
-         "lr_grid.finetune=(0.003,)", "lr_grid.scratch=(0.1,)", "lr_grid.probe=(0.01,)")
+QUICK = ("finetune.steps=10", "scratch.steps=10", "probe.steps=20", "lqf.steps=3",
+         "lr_grid.finetune=(0.003,)", "lr_grid.scratch=(0.1,)", "lr_grid.probe=(0.01,)",
+         "lr_grid.lqf_sgd=(0.0003,)")
 
 
-def transfer(*, seeds: int = 5, quick: bool = False, shots: Sequence[int] | None = None,
+def run_arms(*, arm_names: Sequence[str], shots: Sequence[int], seeds: int, quick: bool,
              config_path: str = TRANSFER_CONFIG, overrides: Sequence[str] = ()
              ) -> dict[str, Any]:
-  """Runs the transfer benchmark; returns the result document (see module docstring).
+  """Runs `arm_names` on the digits transfer task at each number of `shots` (0 = the
+  whole target training split); returns `arms`, `tuning`, `timing_s` and `design`.
 
   `quick` shrinks every arm to a few steps and one learning rate: a smoke test of the
   machinery, not a measurement.
   """
   cfg = config_lib.load(config_path, (QUICK if quick else ()) + tuple(overrides))
-  pre_cfg = config_lib.to_dict(config_lib.load(cfg.pretrain_config))
-  pretrained = ensure_pretrained(cfg, quick)
+  arms = make_arms(cfg, arm_names, quick)
   d = cfg.data
   val = pipeline.load_split(d, cfg.val_split, corrupted=True)
   test = pipeline.load_split(d, d.eval_split, corrupted=True)
-  arms = _arm_fns(cfg, pretrained, pre_cfg)
-  shots = [cfg.shots] if shots is None else list(shots)
   result: dict[str, Any] = {"arms": {}, "tuning": {}, "timing_s": {}}
   for k in shots:
     suffix = f"@{k}shot" if k > 0 else "@full"
     tune_data = pipeline.load_split(d, d.train_split, corrupted=True, shots=k, subset_seed=0)
     for name, fn in arms.items():
       t0 = time.perf_counter()
-      grid = {}
-      for lr in cfg.lr_grid[name]:
-        try:
-          adapted = fn(tune_data, 0, lr)
-        except NonFiniteLossError:
-          grid[lr] = 0.0  # Diverged: never chosen.
-          continue
-        grid[lr] = train.evaluate(adapted.apply, adapted.params, adapted.batch_stats, val)["accuracy"]
-      best_lr = max(grid, key=lambda lr: (grid[lr], -lr))
-      result["tuning"][name + suffix] = {"val_accuracy": {str(lr): a for lr, a in grid.items()},
-                                         "lr": best_lr}
+      lr = None
+      if name in cfg.lr_grid:
+        grid = {}
+        for lr in cfg.lr_grid[name]:
+          try:
+            grid[lr] = train.accuracy(fn(tune_data, 0, lr), val)
+          except NonFiniteLossError:
+            grid[lr] = 0.0  # Diverged: never chosen.
+        lr = max(grid, key=lambda v: (grid[v], -v))
+        result["tuning"][name + suffix] = {"val_accuracy": {str(v): a for v, a in grid.items()},
+                                           "lr": lr}
       accs = []
       for seed in range(seeds):
         data = pipeline.load_split(d, d.train_split, corrupted=True, shots=k, subset_seed=seed)
-        adapted = fn(data, seed, best_lr)
-        accs.append(train.evaluate(adapted.apply, adapted.params, adapted.batch_stats,
-                                   test)["accuracy"])
+        accs.append(train.accuracy(fn(data, seed, lr), test))
         print(f"{name}{suffix} seed {seed}: {accs[-1]:.4f}", file=sys.stderr)
       result["arms"][name + suffix] = {"accuracy": summary(accs)}
       result["timing_s"][name + suffix] = time.perf_counter() - t0
-  no_adapt = train.evaluate(pretrained.apply, pretrained.params, pretrained.batch_stats, test)
-  result["arms"]["no_adaptation"] = {"accuracy": summary([no_adapt["accuracy"]] * seeds)}
-  result["design"] = {"source": f"{pre_cfg['data']['train_split']} clean",
-                      "target_train": d.train_split, "validation": cfg.val_split,
+  result["design"] = {"target_train": d.train_split, "validation": cfg.val_split,
                       "evaluation": f"{d.eval_split} ({len(test)} images)",
-                      "corruption": config_lib.to_dict(d.corruption)}
+                      "corruption": config_lib.to_dict(d.corruption),
+                      "config": config_lib.to_dict(cfg)}
+  return result, cfg, test
+
+
+def transfer(*, seeds: int = 5, quick: bool = False, overrides: Sequence[str] = ()
+             ) -> dict[str, Any]:
+  """Issue 2's benchmark: fine-tuning, probe, scratch and no adaptation at 5 shots."""
+  result, cfg, test = run_arms(arm_names=("finetune", "probe", "scratch"), shots=(5,),
+                               seeds=seeds, quick=quick, overrides=overrides)
+  pretrained = ensure_pretrained(cfg, quick)
+  acc = train.accuracy(_predictor(pretrained), test)
+  result["arms"]["no_adaptation"] = {"accuracy": summary([acc] * seeds)}
   return result
+
+
+ACCURACY_ARMS = ("lqf", "lqf_relu", "lqf_ce", "lqf_sgd", "finetune", "probe")
+
+
+def accuracy(*, seeds: int = 5, quick: bool = False, overrides: Sequence[str] = (),
+             shots: Sequence[int] | None = None) -> dict[str, Any]:
+  """Issue 3's benchmark: LQF, each of its changes reverted, fine-tuning and the probe,
+  at 5 and 10 shots a class and on the whole target training split (shots 0)."""
+  shots = shots or ((5,) if quick else (5, 10, 0))
+  return run_arms(arm_names=ACCURACY_ARMS, shots=shots, seeds=seeds, quick=quick,
+                  overrides=overrides)[0]
 
 
 def transfer_goals(result: Mapping[str, Any], k: int = 5) -> dict[str, Any]:
@@ -150,18 +197,38 @@ def transfer_goals(result: Mapping[str, Any], k: int = 5) -> dict[str, Any]:
           "best_method": best, "best_in_60_95": 0.60 <= best <= 0.95}
 
 
+def accuracy_goals(result: Mapping[str, Any]) -> dict[str, Any]:
+  """Issue 3's goals: LQF ≥ nonlinear fine-tuning at 5 and 10 shots, within 1 point on
+  the full set, and above every arm with one of its changes reverted."""
+  arms = {a: v["accuracy"]["mean"] for a, v in result["arms"].items()}
+  goals = {}
+  for suffix in sorted({a.split("@")[1] for a in arms}):
+    lqf, ft = arms.get(f"lqf@{suffix}"), arms.get(f"finetune@{suffix}")
+    if lqf is None or ft is None:
+      continue
+    goals[f"lqf_minus_finetune@{suffix}"] = lqf - ft
+    goals[f"lqf_matches_finetune@{suffix}"] = lqf >= ft - (0.01 if suffix == "full" else 0.0)
+    reverted = [a for a in ("lqf_relu", "lqf_ce", "lqf_sgd") if f"{a}@{suffix}" in arms]
+    goals[f"lqf_beats_reverted@{suffix}"] = all(lqf > arms[f"{a}@{suffix}"] for a in reverted)
+  return goals
+
+
 def run(name: str, *, json_path: str, seeds: int, quick: bool,
-        overrides: Sequence[str] = ()) -> dict[str, Any]:
+        overrides: Sequence[str] = (), shots: Sequence[int] | None = None) -> dict[str, Any]:
   """Runs benchmark `name` and writes its JSON document to `json_path` atomically."""
   if seeds < 1:
     raise UserError(f"--seeds must be at least 1, got {seeds}")
   command = " ".join(["python -m lqf bench", name, "--json", json_path, "--seeds", str(seeds)]
+                     + (["--shots", ",".join(map(str, shots))] if shots else [])
                      + (["--quick"] if quick else []))
   if name == "transfer":
     result = transfer(seeds=seeds, quick=quick, overrides=overrides)
     result["goals"] = transfer_goals(result)
+  elif name == "accuracy":
+    result = accuracy(seeds=seeds, quick=quick, overrides=overrides, shots=shots)
+    result["goals"] = accuracy_goals(result)
   else:
-    raise UserError(f"unknown benchmark {name!r}: use transfer")
+    raise UserError(f"unknown benchmark {name!r}: use transfer or accuracy")
   doc = {"meta": meta(command, range(seeds)), **result}
   atomic_write_json(json_path, doc)
   return doc

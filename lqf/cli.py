@@ -19,16 +19,31 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
         f"metrics in {args.workdir}/metrics.jsonl")
 
 
+def _finetune(args: argparse.Namespace, overrides: list[str]) -> None:
+  from lqf import config as config_lib, job_finetune  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.load(args.config, overrides)
+  result = job_finetune.run(cfg, args.workdir, progress=not args.no_progress)
+  print(f"finetune ({result['method']}): eval accuracy {result['eval']['accuracy']:.4f} on "
+        f"{result['eval']['count']} images (train {result['train']['accuracy']:.4f}); "
+        f"metrics in {args.workdir}/metrics.jsonl")
+
+
 def _bench(args: argparse.Namespace, overrides: list[str]) -> None:
   from lqf import bench  # pylint: disable=g-import-not-at-top
   if overrides:
     raise UserError(f"bench takes no config overrides, got {' '.join(overrides)}")
-  result = bench.run(args.name, json_path=args.json, seeds=args.seeds, quick=args.quick)
+  try:
+    shots = [int(v) for v in args.shots.split(",")] if args.shots else None
+  except ValueError:
+    raise UserError(f"--shots takes comma-separated integers, got {args.shots!r}") from None
+  result = bench.run(args.name, json_path=args.json, seeds=args.seeds, quick=args.quick,
+                     shots=shots)
   print(bench.format_table(result))
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
     "pretrain": _pretrain,
+    "finetune": _finetune,
     "bench": _bench,
 }
 
@@ -41,11 +56,18 @@ def parser() -> argparse.ArgumentParser:
   pre.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
   pre.add_argument("--workdir", required=True, help="checkpoints, metrics, results")
   pre.add_argument("--no_progress", action="store_true", help="no progress bar")
+  ft = sub.add_parser("finetune", help="adapt a pretrained ResNet to a target task",
+                      description="Config overrides: --config.method=nonlinear and so on.")
+  ft.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
+  ft.add_argument("--workdir", required=True, help="checkpoints, metrics, results")
+  ft.add_argument("--no_progress", action="store_true", help="no progress bar")
   b = sub.add_parser("bench", help="run a benchmark and write its JSON")
-  b.add_argument("name", choices=["transfer"])
+  b.add_argument("name", choices=["transfer", "accuracy"])
   b.add_argument("--json", required=True, help="where to write the results")
   b.add_argument("--seeds", type=int, default=5)
   b.add_argument("--quick", action="store_true", help="a fast smoke version")
+  b.add_argument("--shots", default="", help="accuracy: comma-separated shots a class, "
+                 "0 = the whole target set (default 5,10,0)")
   return p
 
 

@@ -5,7 +5,7 @@ model without adaptation)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -73,3 +73,30 @@ def linear_probe(clf: train.Classifier, data: pipeline.ImageSplit, p: Mapping[st
   head = fit_linear_probe(feats, jnp.asarray(data.labels), data.num_classes, lr=p["lr"],
                           weight_decay=p["weight_decay"], steps=int(p["steps"]), seed=seed)
   return dataclasses.replace(clf, params=dict(clf.params, head=head))
+
+
+def lqf(clf: train.Classifier, data: pipeline.ImageSplit, c: Mapping[str, Any], *,
+        seed: int, callback=None) -> tuple[Callable[[jax.Array], jax.Array], dict[str, Any]]:
+  """Linear quadratic fine-tuning of `clf` (whose head is already the target's).
+
+  `c` is the `lqf` config block: scope, batch_norm, loss, k, lam and the optimiser's
+  settings (see `optim.fit`). Returns `predict(images) -> logits` of the linearized
+  model at the trained δ, and a record with δ, the loss history and the `Linearized`.
+  """
+  from lqf import linearize, objective, optim  # pylint: disable=g-import-not-at-top
+
+  lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, c["scope"],
+                            batch_norm=c["batch_norm"])
+  feats = linearize.prefix_features(lin, jnp.asarray(data.images))
+  labels = jnp.asarray(data.labels)
+  loss = objective.make_loss(lin.apply, loss=c["loss"], k=c["k"], lam=c["lam"])
+  delta, history = optim.fit(loss, lin.zeros(), lin.state, feats, labels, c,
+                             l2=2 * c["lam"], seed=seed, callback=callback)
+  apply = jax.jit(lin.apply)
+
+  def predict(images: jax.Array) -> jax.Array:
+    return jnp.concatenate([apply(delta, lin.state, linearize.prefix_features(
+        lin, images[i:i + 256])) for i in range(0, len(images), 256)])
+
+  return predict, {"delta": delta, "history": history, "linearized": lin, "loss": loss,
+                   "features": feats, "labels": labels}

@@ -74,37 +74,43 @@ def kfac_blocks(opt: kfac_jax.Optimizer) -> tuple[Any, ...]:
 
 def fit(objective: Objective, delta0: PyTree, state: LinState, feats: jax.Array,
         labels: jax.Array, o: Mapping[str, Any], *, l2: float, seed: int,
-        callback: Callable[[int, PyTree], None] | None = None
-        ) -> tuple[PyTree, list[float]]:
+        callback: Callable[[int, PyTree, Any], None] | None = None,
+        resume: tuple[int, PyTree, Any] | None = None) -> tuple[PyTree, list[float]]:
   """Minimises `objective` from `delta0` for `o["steps"]` steps with `o["optimizer"]`.
 
-  Returns the final δ and the objective on each step's batch. `callback(step, δ)` is
-  called after every step (for checkpoints and optimality-gap curves).
+  Returns the final δ and the objective on each step's batch. `callback(step, δ,
+  opt_state)` runs after every step (checkpoints, optimality-gap curves); `resume =
+  (step, δ, opt_state)` continues a run from such a point. Every batch and random key is
+  a function of `(seed, step)`, so a resumed run ends where an uninterrupted one does.
   """
   name = o["optimizer"]
+  if name not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
   batch_size = int(o["batch_size"])
-  data = batches(feats, labels, batch_size, seed)
+  start = 0 if resume is None else int(resume[0])
+  data = batches(feats, labels, batch_size, seed, start=start)
   history: list[float] = []
   # Fresh buffers: kfac-jax donates δ and the function state, which the caller keeps.
-  delta = jax.tree.map(jnp.array, delta0)
+  delta = jax.tree.map(jnp.array, delta0 if resume is None else resume[1])
   state = jax.tree.map(jnp.array, state)
+  key = jax.random.key(seed)
   if name == "kfac":
     opt = make_kfac(objective, o, l2)
-    rng = jax.random.key(seed)
-    opt_state = opt.init(delta, rng, next(batches(feats, labels, batch_size, seed)),
+    # `init` also finalizes the optimiser's graph, which a resumed run needs too.
+    opt_state = opt.init(delta, key, next(batches(feats, labels, batch_size, seed)),
                          func_state=state)
-    for step in range(int(o["steps"])):
-      rng, sub = jax.random.split(rng)
+    if resume is not None:
+      opt_state = resume[2]
+    for step in range(start, int(o["steps"])):
       # At step 0 kfac-jax first estimates the factors on `burnin_steps` batches.
-      delta, opt_state, state, stats = opt.step(delta, opt_state, sub, data_iterator=data,
-                                                func_state=state, global_step_int=step)
+      delta, opt_state, state, stats = opt.step(
+          delta, opt_state, jax.random.fold_in(key, step), data_iterator=data,
+          func_state=state, global_step_int=step)
       _record(history, stats["loss"], step)
       if callback is not None:
-        callback(step + 1, delta)
+        callback(step + 1, delta, opt_state)
     return delta, history
-  if name not in ("sgd", "adam"):
-    raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
-  tx = optax.sgd(o["lr"], momentum=o["momentum"]) if name == "sgd" else optax.adam(o["lr"])
+  tx = _optax(o)
 
   @jax.jit
   def step_fn(delta, opt_state, state, batch):
@@ -112,13 +118,29 @@ def fit(objective: Objective, delta0: PyTree, state: LinState, feats: jax.Array,
     updates, opt_state = tx.update(grads, opt_state, delta)
     return optax.apply_updates(delta, updates), opt_state, loss
 
-  opt_state = tx.init(delta)
-  for step in range(int(o["steps"])):
+  opt_state = tx.init(delta) if resume is None else resume[2]
+  for step in range(start, int(o["steps"])):
     delta, opt_state, loss = step_fn(delta, opt_state, state, next(data))
     _record(history, loss, step)
     if callback is not None:
-      callback(step + 1, delta)
+      callback(step + 1, delta, opt_state)
   return delta, history
+
+
+def init_state(objective: Objective, delta0: PyTree, state: LinState, feats: jax.Array,
+               labels: jax.Array, o: Mapping[str, Any], *, l2: float, seed: int) -> Any:
+  """The optimiser state `fit` starts from: the structure a checkpoint restores into."""
+  delta = jax.tree.map(jnp.array, delta0)
+  if o["optimizer"] == "kfac":
+    batch = next(batches(feats, labels, int(o["batch_size"]), seed))
+    return make_kfac(objective, o, l2).init(delta, jax.random.key(seed), batch,
+                                            func_state=jax.tree.map(jnp.array, state))
+  return _optax(o).init(delta)
+
+
+def _optax(o: Mapping[str, Any]) -> optax.GradientTransformation:
+  return optax.sgd(o["lr"], momentum=o["momentum"]) if o["optimizer"] == "sgd" \
+      else optax.adam(o["lr"])
 
 
 def _record(history: list[float], loss: jax.Array, step: int) -> None:

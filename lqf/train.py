@@ -124,6 +124,14 @@ def evaluate(apply: Callable, params: PyTree, batch_stats: PyTree,
   return {"accuracy": correct / len(data), "loss": loss_sum / len(data), "count": len(data)}
 
 
+def accuracy(predict: Callable[[np.ndarray], jax.Array], data: pipeline.ImageSplit,
+             batch_size: int = 256) -> float:
+  """Top-1 accuracy of `predict(images) -> logits` over a whole split."""
+  correct = sum(int((np.asarray(predict(images)).argmax(-1) == labels).sum())
+                for images, labels in pipeline.eval_batches(data, batch_size))
+  return correct / len(data)
+
+
 @functools.lru_cache(maxsize=32)
 def _jit_apply(apply: Callable) -> Callable:
   return jax.jit(apply)

@@ -1,0 +1,145 @@
+"""The fine-tuning job: `python -m lqf finetune --config ... --workdir DIR`.
+
+Loads a finished pretraining run, gives it a new head for the target task and adapts it
+with `method` ("lqf", "nonlinear" or "probe"). Like pretraining it checkpoints, resumes
+from the latest checkpoint when run again, shows progress, appends to
+`workdir/metrics.jsonl` and writes `workdir/final_metrics.json` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from tqdm import tqdm
+
+from lqf import checkpoint, finetune, linearize, objective, optim, train
+from lqf import config as config_lib
+from lqf.data import pipeline
+from lqf.errors import UserError, require
+from lqf.io import MetricsLog, atomic_write_json
+
+METHODS = ("lqf", "nonlinear", "probe")
+
+
+def check_config(cfg: Mapping[str, Any]) -> None:
+  require(cfg["method"] in METHODS, f"unknown method {cfg['method']!r}: use one of "
+          f"{', '.join(METHODS)}")
+  require(cfg["shots"] >= 0, f"shots must be ≥ 0 (0 = the whole split), got {cfg['shots']}")
+  config_lib.check_data(cfg["data"])
+  q = cfg["lqf"]
+  require(q["k"] > 0, f"lqf.k (the target scale) must be positive, got {q['k']}")
+  require(q["lam"] >= 0, f"lqf.lam (the ridge weight) must be ≥ 0, got {q['lam']}")
+  require(q["damping"] > 0, f"lqf.damping must be positive, got {q['damping']}")
+  require(q["scope"] in linearize.SCOPES, f"unknown lqf.scope {q['scope']!r}: use one of "
+          f"{', '.join(linearize.SCOPES)}")
+  require(q["loss"] in objective.LOSSES, f"unknown lqf.loss {q['loss']!r}: use one of "
+          f"{', '.join(objective.LOSSES)}")
+  require(q["optimizer"] in optim.OPTIMIZERS, f"unknown lqf.optimizer {q['optimizer']!r}: "
+          f"use one of {', '.join(optim.OPTIMIZERS)}")
+  require(q["curvature"] in ("once", "ema"), f"lqf.curvature must be 'once' or 'ema', got "
+          f"{q['curvature']!r}")
+  for key in ("lr", "steps", "batch_size", "checkpoint_every"):
+    require(q[key] > 0, f"lqf.{key} must be positive, got {q[key]}")
+  config_lib.check_train(cfg["finetune"], prefix="finetune")
+  require(cfg["probe"]["lr"] > 0 and cfg["probe"]["steps"] > 0,
+          "probe.lr and probe.steps must be positive")
+
+
+def load_pretrained_for(cfg: Mapping[str, Any]) -> train.Classifier:
+  """The pretrained model, checked against the target data."""
+  pre_cfg, clf = train.load_pretrained(cfg["pretrained_workdir"])
+  channels = pre_cfg["data"]["channels"]
+  require(channels == cfg["data"]["channels"],
+          f"the model in {cfg['pretrained_workdir']!r} was pretrained on {channels}-channel "
+          f"images but data.channels is {cfg['data']['channels']}: set "
+          f"--config.data.channels={channels} or use another pretrained model")
+  return pre_cfg, clf
+
+
+def run(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None,
+        progress: bool = True) -> dict[str, Any]:
+  """Runs the job; returns (and writes) the final metrics."""
+  check_config(cfg)
+  pre_cfg, pretrained = load_pretrained_for(cfg)
+  d = cfg["data"]
+  data = pipeline.load_split(d, d["train_split"], corrupted=d["corrupt_train"],
+                             shots=cfg["shots"], subset_seed=cfg["seed"])
+  evaluation = pipeline.load_split(d, d["eval_split"], corrupted=d["corrupt_eval"])
+  clf = finetune.with_new_head(pretrained, pre_cfg["model"], data.num_classes,
+                               d["channels"], cfg["seed"])
+  checkpoint.claim_workdir(workdir, config_lib.to_dict(cfg), command="finetune",
+                           may_change=("lqf.checkpoint_every", "finetune.checkpoint_every",
+                                       "finetune.log_every", "finetune.eval_every"))
+  method = cfg["method"]
+  if method == "nonlinear":
+    t = cfg["finetune"]
+    params, stats = train.fit(clf, data, t, seed=cfg["seed"], train_bn=t["train_bn"],
+                              evaluation=evaluation, workdir=workdir,
+                              stop_at_step=stop_at_step, progress=progress)
+    jitted = jax.jit(clf.apply)
+    predict = lambda x: jitted(params, stats, x)
+  elif method == "probe":
+    out = finetune.linear_probe(clf, data, cfg["probe"], seed=cfg["seed"])
+    jitted = jax.jit(out.apply)
+    predict = lambda x: jitted(out.params, out.batch_stats, x)
+  else:
+    predict = _run_lqf(clf, data, cfg, workdir, stop_at_step, progress)
+    if predict is None:
+      return {}
+  result = {"method": method, "eval": {"accuracy": train.accuracy(predict, evaluation),
+                                       "count": len(evaluation)},
+            "train": {"accuracy": train.accuracy(predict, data), "count": len(data)}}
+  if stop_at_step is None:
+    atomic_write_json(os.path.join(workdir, "final_metrics.json"), result)
+  return result
+
+
+def _run_lqf(clf, data, cfg, workdir, stop_at_step, progress):
+  c = cfg["lqf"]
+  lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, c["scope"],
+                            batch_norm=c["batch_norm"])
+  # Augmentation is off here, so the frozen prefix is computed once per image.
+  feats = linearize.prefix_features(lin, jnp.asarray(data.images))
+  labels = jnp.asarray(data.labels)
+  loss = objective.make_loss(lin.apply, loss=c["loss"], k=c["k"], lam=c["lam"])
+  mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
+  log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+  like = {"delta": lin.zeros(),
+          "opt_state": optim.init_state(loss, lin.zeros(), lin.state, feats, labels, c,
+                                        l2=2 * c["lam"], seed=cfg["seed"])}
+  restored = checkpoint.restore_latest(mgr, like)
+  resume = None
+  if restored is not None:
+    state, step = restored
+    resume = (step, state["delta"], state["opt_state"])
+    print(f"resuming from the checkpoint at step {step} in {workdir}", file=sys.stderr)
+  start = 0 if resume is None else resume[0]
+  log.truncate_after(start)
+  total = int(c["steps"]) if stop_at_step is None else min(int(c["steps"]), stop_at_step)
+  bar = tqdm(total=int(c["steps"]), initial=start, desc="lqf", disable=not progress,
+             dynamic_ncols=True, file=sys.stderr)
+  objective_at = jax.jit(loss)
+
+  def on_step(step, delta, opt_state):
+    value = float(objective_at(delta, lin.state, (feats, labels)))
+    log.write(step, split="train", objective=value)
+    bar.update(1)
+    bar.set_postfix(objective=f"{value:.4g}", refresh=False)
+    if step % c["checkpoint_every"] == 0 or step == c["steps"]:
+      checkpoint.save(mgr, step, {"delta": delta, "opt_state": opt_state})
+
+  delta, _ = optim.fit(loss, lin.zeros(), lin.state, feats, labels, dict(c, steps=total),
+                       l2=2 * c["lam"], seed=cfg["seed"], callback=on_step, resume=resume)
+  bar.close()
+  mgr.wait_until_finished()
+  mgr.close()
+  if total < int(c["steps"]):
+    return None
+  apply = jax.jit(lin.apply)
+  return lambda x: apply(delta, lin.state, linearize.prefix_features(lin, x))

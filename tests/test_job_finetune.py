@@ -1,0 +1,88 @@
+"""The fine-tuning job end to end on a tiny pretrained model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from lqf import config as config_lib
+from lqf import job_finetune, train
+from lqf.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("pre"))
+  cfg = config_lib.load(os.path.join(ROOT, "configs/digits_pretrain.py"), [
+      "model.width=4", "data.image_size=8", "train.steps=4", "train.batch_size=32",
+      "train.checkpoint_every=4", "train.eval_every=4", "train.log_every=4"])
+  train.pretrain(cfg, workdir, progress=False)
+  return workdir
+
+
+def _cfg(pretrained, *extra):
+  return config_lib.load(os.path.join(ROOT, "configs/digits_finetune.py"), [
+      f"pretrained_workdir={pretrained}", "data.image_size=8", "shots=2",
+      "lqf.scope=last_stage", "lqf.steps=4", "lqf.checkpoint_every=2",
+      "finetune.steps=4", "finetune.checkpoint_every=2", "finetune.log_every=1",
+      "finetune.eval_every=4", "probe.steps=20", *extra])
+
+
+def _delta(workdir, step):
+  return ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, "checkpoints", str(step), "default"))["delta"]
+
+
+def test_lqf_interrupted_and_resumed_equals_uninterrupted(pretrained, tmp_path):
+  full = job_finetune.run(_cfg(pretrained), str(tmp_path / "full"), progress=False)
+  assert job_finetune.run(_cfg(pretrained), str(tmp_path / "cut"), stop_at_step=3,
+                          progress=False) == {}
+  assert not (tmp_path / "cut" / "final_metrics.json").exists()
+  resumed = job_finetune.run(_cfg(pretrained), str(tmp_path / "cut"), progress=False)
+  assert resumed == full
+  a, b = _delta(tmp_path / "full", 4), _delta(tmp_path / "cut", 4)
+  import jax
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  steps = [json.loads(l)["step"] for l in open(tmp_path / "cut" / "metrics.jsonl")]
+  assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("method", ["nonlinear", "probe"])
+def test_other_methods_write_their_metrics(pretrained, tmp_path, method):
+  result = job_finetune.run(_cfg(pretrained, f"method={method}"), str(tmp_path), progress=False)
+  assert result["method"] == method and result["eval"]["count"] == 600
+  assert json.load(open(tmp_path / "final_metrics.json")) == result
+
+
+def test_mismatched_channels_are_refused(pretrained, tmp_path):
+  cfg = _cfg(pretrained, "data.channels=3", "data.mean=(0.3, 0.3, 0.3)",
+             "data.std=(0.4, 0.4, 0.4)")
+  with pytest.raises(UserError, match="pretrained on 1-channel images"):
+    job_finetune.run(cfg, str(tmp_path / "w"), progress=False)
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("override, match", [
+    ("lqf.k=0", "lqf.k (the target scale) must be positive"),
+    ("lqf.lam=-1", "lqf.lam (the ridge weight) must be ≥ 0"),
+    ("lqf.damping=0", "lqf.damping must be positive"),
+    ("method=magic", "unknown method 'magic'"),
+    ("pretrained_workdir=/nonexistent/run", "no pretraining run in '/nonexistent/run'"),
+])
+def test_cli_errors(pretrained, tmp_path, override, match):
+  workdir = tmp_path / "w"
+  args = ["finetune", "--config", "configs/digits_finetune.py", "--workdir", str(workdir),
+          f"--config.pretrained_workdir={pretrained}", f"--config.{override}"]
+  proc = subprocess.run([sys.executable, "-m", "lqf", *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  assert "Traceback" not in proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and match in errors[0], proc.stderr
+  assert not workdir.exists()
