@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements.lock
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m lqf pretrain --config configs/digits_pretrain.py --workdir runs/digits_pretrain
+	$(PY) -m lqf demo --workdir runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) -m lqf bench transfer --json results/transfer.json
 	$(PY) -m lqf bench accuracy --json results/lqf_accuracy.json --shots 5,10
 	$(PY) -m lqf bench accuracy --json results/lqf_accuracy_full.json --shots 0
+	$(PY) -m lqf bench cost --json results/lqf_cost.json
 
 clean:
 	rm -rf $(VENV) runs

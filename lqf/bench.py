@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lqf import config as config_lib
@@ -197,6 +198,90 @@ def transfer_goals(result: Mapping[str, Any], k: int = 5) -> dict[str, Any]:
           "best_method": best, "best_in_60_95": 0.60 <= best <= 0.95}
 
 
+def _time_steps(fns: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+  """Seconds per call of each function, interleaved so that machine noise hits all alike."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())  # Compile.
+  times: dict[str, list[float]] = {n: [] for n in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t0)
+  return times
+
+
+def cost(*, seeds: int = 5, quick: bool = False, overrides: Sequence[str] = ()
+         ) -> dict[str, Any]:
+  """Time and memory of one training step, linearized against nonlinear, same batch.
+
+  Steps (SGD update included): nonlinear CE through the whole network; LQF through the
+  whole network; the nonlinear last stage + head on the cached prefix; LQF of the last
+  stage + head on the cached prefix. Each "seed" is one interleaved timing round; the
+  ratios are per round, so a slow moment of the machine cancels.
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+  from lqf import linearize, objective  # pylint: disable=g-import-not-at-top
+
+  cfg = config_lib.load(TRANSFER_CONFIG, (QUICK if quick else ()) + tuple(overrides))
+  pre_cfg = config_lib.to_dict(config_lib.load(cfg.pretrain_config))
+  pretrained = ensure_pretrained(cfg, quick)
+  d = cfg.data
+  data = pipeline.load_split(d, d.train_split, corrupted=True)
+  x, y = jnp.asarray(data.images[:64]), jnp.asarray(data.labels[:64])
+  clf = finetune.with_new_head(pretrained, pre_cfg["model"], data.num_classes,
+                               d["channels"], 0)
+  tx = optax.sgd(1e-3, momentum=0.9)
+
+  def sgd_step(loss, variables, *rest):
+    @jax.jit
+    def step(v, s):
+      g = jax.grad(loss)(v, *rest)
+      u, s = tx.update(g, s, v)
+      return optax.apply_updates(v, u), s
+    state = tx.init(variables)
+    return (lambda: step(variables, state)), step.lower(variables, state).compile()
+
+  def ce(params, xb, yb, apply):
+    return train.cross_entropy(apply(params, clf.batch_stats, xb), yb)
+
+  fns, memory = {}, {}
+  fns["nonlinear_all"], c = sgd_step(lambda p, xb, yb: ce(p, xb, yb, clf.apply),
+                                     clf.params, x, y)
+  memory["nonlinear_all"] = c.memory_analysis().temp_size_in_bytes
+  for scope in ("all", "last_stage"):
+    lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, scope)
+    h = linearize.prefix_features(lin, x)
+    loss = objective.make_loss(lin.apply, loss="mse", k=5.0, lam=1e-4)
+    fns[f"lqf_{scope}"], c = sgd_step(lambda dl, hb, yb, l=loss, s=lin.state: l(dl, s, (hb, yb)),
+                                      lin.zeros(), h, y)
+    memory[f"lqf_{scope}"] = c.memory_analysis().temp_size_in_bytes
+    if scope == "last_stage":
+      nonlin = lambda w, hb, yb, l=lin: train.cross_entropy(l.nonlinear(w, l.state, hb), yb)
+      fns["nonlinear_last_stage"], c = sgd_step(nonlin, lin.state["w0"], h, y)
+      memory["nonlinear_last_stage"] = c.memory_analysis().temp_size_in_bytes
+  repeats = 3 if quick else 20
+  rounds = [_time_steps(fns, repeats) for _ in range(seeds)]
+  med = lambda r, n: float(np.median(r[n]))
+  arms = {n: {"seconds_per_step": summary([med(r, n) for r in rounds]),
+              "temp_memory_bytes": summary([memory[n]] * seeds)} for n in fns}
+  ratios = {
+      "lqf_all / nonlinear_all": [med(r, "lqf_all") / med(r, "nonlinear_all") for r in rounds],
+      "lqf_last_stage / nonlinear_last_stage": [
+          med(r, "lqf_last_stage") / med(r, "nonlinear_last_stage") for r in rounds],
+      "lqf_last_stage / nonlinear_all": [
+          med(r, "lqf_last_stage") / med(r, "nonlinear_all") for r in rounds]}
+  for name, values in ratios.items():
+    arms.setdefault("ratios", {})[name] = summary(values)
+  goals = {"all_at_most_1.8x": arms["ratios"]["lqf_all / nonlinear_all"]["mean"] <= 1.8,
+           "last_stage_at_most_1.3x":
+               arms["ratios"]["lqf_last_stage / nonlinear_last_stage"]["mean"] <= 1.3}
+  return {"arms": arms, "goals": goals,
+          "design": {"batch": 64, "image_size": d.image_size, "model": pre_cfg["model"],
+                     "repeats_per_round": repeats,
+                     "memory": "XLA temp allocation of the compiled step (bytes)"}}
+
+
 def accuracy_goals(result: Mapping[str, Any]) -> dict[str, Any]:
   """Issue 3's goals: LQF ≥ nonlinear fine-tuning at 5 and 10 shots, within 1 point on
   the full set, and above every arm with one of its changes reverted."""
@@ -224,22 +309,24 @@ def run(name: str, *, json_path: str, seeds: int, quick: bool,
   if name == "transfer":
     result = transfer(seeds=seeds, quick=quick, overrides=overrides)
     result["goals"] = transfer_goals(result)
+  elif name == "cost":
+    result = cost(seeds=seeds, quick=quick, overrides=overrides)
   elif name == "accuracy":
     result = accuracy(seeds=seeds, quick=quick, overrides=overrides, shots=shots)
     result["goals"] = accuracy_goals(result)
   else:
-    raise UserError(f"unknown benchmark {name!r}: use transfer or accuracy")
+    raise UserError(f"unknown benchmark {name!r}: use transfer, accuracy or cost")
   doc = {"meta": meta(command, range(seeds)), **result}
   atomic_write_json(json_path, doc)
   return doc
 
 
 def format_table(doc: Mapping[str, Any]) -> str:
-  lines = [f"{'arm':<22} {'accuracy':>18}   values"]
+  lines = [f"{'arm':<40} {'metric':<18} {'mean ± std':>22}"]
   for arm, metrics in doc["arms"].items():
-    a = metrics["accuracy"]
-    vals = " ".join(f"{v:.3f}" for v in a["values"])
-    lines.append(f"{arm:<22} {100 * a['mean']:8.2f} ± {100 * a['std']:5.2f} %   {vals}")
+    for metric, a in metrics.items():
+      scale = 100 if metric == "accuracy" else 1
+      lines.append(f"{arm:<40} {metric:<18} {scale * a['mean']:11.4g} ± {scale * a['std']:8.3g}")
   if "goals" in doc:
     lines.append("goals: " + ", ".join(f"{k}={v}" for k, v in doc["goals"].items()))
   return "\n".join(lines)

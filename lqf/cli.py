@@ -28,6 +28,28 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> None:
         f"metrics in {args.workdir}/metrics.jsonl")
 
 
+def _demo(args: argparse.Namespace, overrides: list[str]) -> None:
+  """Pretrain (or reuse), then LQF, nonlinear fine-tuning and a linear probe, side by side."""
+  from lqf import config as config_lib, job_finetune, train  # pylint: disable=g-import-not-at-top
+  if overrides:
+    raise UserError(f"demo takes no config overrides, got {' '.join(overrides)}")
+  root = args.workdir
+  pre = config_lib.load("configs/digits_pretrain.py")
+  print(f"1/2 pretraining on clean digits into {root}/pretrain (reused when finished)")
+  source = train.pretrain(pre, f"{root}/pretrain", progress=not args.no_progress)
+  rows = [("source model, clean test", source["eval"]["accuracy"])]
+  print("2/2 adapting to 5 shots a class of shifted, noisy digits")
+  for method in job_finetune.METHODS:
+    cfg = config_lib.load("configs/digits_finetune.py",
+                          [f"method={method}", f"pretrained_workdir={root}/pretrain"])
+    result = job_finetune.run(cfg, f"{root}/{method}", progress=not args.no_progress)
+    rows.append((f"{method}, target test", result["eval"]["accuracy"]))
+  print(f"\n{'model':<28} accuracy")
+  for name, acc in rows:
+    print(f"{name:<28} {100 * acc:6.2f} %")
+  print("(one few-shot subset; `python -m lqf bench accuracy` gives means over seeds)")
+
+
 def _bench(args: argparse.Namespace, overrides: list[str]) -> None:
   from lqf import bench  # pylint: disable=g-import-not-at-top
   if overrides:
@@ -44,6 +66,7 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
     "pretrain": _pretrain,
     "finetune": _finetune,
+    "demo": _demo,
     "bench": _bench,
 }
 
@@ -61,8 +84,11 @@ def parser() -> argparse.ArgumentParser:
   ft.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
   ft.add_argument("--workdir", required=True, help="checkpoints, metrics, results")
   ft.add_argument("--no_progress", action="store_true", help="no progress bar")
+  dm = sub.add_parser("demo", help="the main job on the built-in digits")
+  dm.add_argument("--workdir", default="runs/demo")
+  dm.add_argument("--no_progress", action="store_true", help="no progress bars")
   b = sub.add_parser("bench", help="run a benchmark and write its JSON")
-  b.add_argument("name", choices=["transfer", "accuracy"])
+  b.add_argument("name", choices=["transfer", "accuracy", "cost"])
   b.add_argument("--json", required=True, help="where to write the results")
   b.add_argument("--seeds", type=int, default=5)
   b.add_argument("--quick", action="store_true", help="a fast smoke version")

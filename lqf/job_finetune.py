@@ -46,6 +46,10 @@ def check_config(cfg: Mapping[str, Any]) -> None:
           f"{q['curvature']!r}")
   for key in ("lr", "steps", "batch_size", "checkpoint_every"):
     require(q[key] > 0, f"lqf.{key} must be positive, got {q[key]}")
+  aug = cfg["data"]["augment"]
+  require(cfg["method"] != "lqf" or (aug["crop_padding"] == 0 and not aug["flip"]),
+          "lqf computes the frozen prefix once per image, so it cannot augment: set "
+          "--config.data.augment.crop_padding=0 and --config.data.augment.flip=False")
   config_lib.check_train(cfg["finetune"], prefix="finetune")
   require(cfg["probe"]["lr"] > 0 and cfg["probe"]["steps"] > 0,
           "probe.lr and probe.steps must be positive")
@@ -80,6 +84,7 @@ def run(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None
   if method == "nonlinear":
     t = cfg["finetune"]
     params, stats = train.fit(clf, data, t, seed=cfg["seed"], train_bn=t["train_bn"],
+                              augment=d["augment"],
                               evaluation=evaluation, workdir=workdir,
                               stop_at_step=stop_at_step, progress=progress)
     jitted = jax.jit(clf.apply)

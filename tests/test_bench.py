@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from lqf import bench
 
@@ -28,10 +29,14 @@ def test_transfer_goals():
   assert not g["finetune_beats_scratch_by_10"] and not g["best_in_60_95"]
 
 
-def test_quick_transfer_bench_writes_the_documented_json(tmp_path):
+@pytest.fixture(scope="module")
+def pre(tmp_path_factory):
+  return f"pretrain_workdir={tmp_path_factory.mktemp('bench') / 'pre'}"
+
+
+def test_quick_transfer_bench_writes_the_documented_json(tmp_path, pre):
   out = tmp_path / "t.json"
-  doc = bench.run("transfer", json_path=str(out), seeds=2, quick=True,
-                  overrides=[f"pretrain_workdir={tmp_path / 'pre'}"])
+  doc = bench.run("transfer", json_path=str(out), seeds=2, quick=True, overrides=[pre])
   on_disk = json.loads(out.read_text())
   assert on_disk == json.loads(json.dumps(doc))
   assert set(on_disk["meta"]) >= {"command", "seeds", "device", "date", "versions"}
@@ -44,3 +49,17 @@ def test_quick_transfer_bench_writes_the_documented_json(tmp_path):
     assert np.isclose(acc["mean"], np.mean(acc["values"]))
   assert "best_in_60_95" in on_disk["goals"]
   assert "finetune@5shot" in bench.format_table(on_disk)
+
+
+def test_quick_cost_bench_reports_ratios_of_its_own_timings(tmp_path, pre):
+  doc = bench.run("cost", json_path=str(tmp_path / "c.json"), seeds=2, quick=True,
+                  overrides=[pre])
+  arms = doc["arms"]
+  assert set(arms) == {"nonlinear_all", "lqf_all", "nonlinear_last_stage", "lqf_last_stage",
+                       "ratios"}
+  r = arms["ratios"]["lqf_all / nonlinear_all"]["values"]
+  t_lin = arms["lqf_all"]["seconds_per_step"]["values"]
+  t_non = arms["nonlinear_all"]["seconds_per_step"]["values"]
+  np.testing.assert_allclose(r, np.array(t_lin) / np.array(t_non))
+  assert all(arms[a]["temp_memory_bytes"]["mean"] > 0 for a in arms if a != "ratios")
+  assert set(doc["goals"]) == {"all_at_most_1.8x", "last_stage_at_most_1.3x"}

@@ -73,6 +73,7 @@ def test_mismatched_channels_are_refused(pretrained, tmp_path):
     ("lqf.lam=-1", "lqf.lam (the ridge weight) must be ≥ 0"),
     ("lqf.damping=0", "lqf.damping must be positive"),
     ("method=magic", "unknown method 'magic'"),
+    ("data.augment.crop_padding=2", "lqf computes the frozen prefix once per image"),
     ("pretrained_workdir=/nonexistent/run", "no pretraining run in '/nonexistent/run'"),
 ])
 def test_cli_errors(pretrained, tmp_path, override, match):
