@@ -143,10 +143,17 @@ def _optax(o: Mapping[str, Any]) -> optax.GradientTransformation:
       else optax.adam(o["lr"])
 
 
+# A convex objective that grows a hundredfold has diverged, even while still finite.
+DIVERGENCE_FACTOR = 100.0
+
+
 def _record(history: list[float], loss: jax.Array, step: int) -> None:
   value = float(loss)
-  if not np.isfinite(value):
+  diverged = history and history[0] > 0 and value > DIVERGENCE_FACTOR * history[0]
+  if not np.isfinite(value) or diverged:
     raise NonFiniteLossError(
-        f"the LQF objective became {value} at step {step + 1}: lower the learning rate "
-        "or raise the damping (--config.lqf.lr / --config.lqf.damping)")
+        f"the LQF objective {'became' if not diverged else 'diverged to'} {value:.4g} at "
+        f"step {step + 1}: lower the learning rate or raise the damping "
+        "(--config.lqf.lr / --config.lqf.damping), or let K-FAC choose its step with "
+        "--config.lqf.adaptive=True")
   history.append(value)

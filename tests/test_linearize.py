@@ -164,3 +164,13 @@ def test_training_reaches_the_closed_form_ridge_solution(net, x, optimizer):
   rel = float(jnp.linalg.norm(ravel_pytree(delta)[0] - ravel_pytree(best)[0]) /
               jnp.linalg.norm(ravel_pytree(best)[0]))
   assert rel < 2e-2
+
+
+def test_a_diverging_run_stops_with_a_clear_error(net, x):
+  from lqf.errors import NonFiniteLossError
+  lin = linearize.linearize(net.split_at, net.params, net.batch_stats, "all")
+  y = jnp.arange(N) % C
+  loss = objective.make_loss(lin.apply, loss="mse", k=5.0, lam=1e-3)
+  o = dict(optimizer="sgd", lr=10.0, momentum=0.9, steps=50, batch_size=N)
+  with pytest.raises(NonFiniteLossError, match="diverged to|became"):
+    optim.fit(loss, lin.zeros(), lin.state, x, y, o, l2=2e-3, seed=0)
