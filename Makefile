@@ -24,7 +24,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m lqf bench transfer --json results/transfer.json
-	$(PY) -m lqf bench accuracy --json results/lqf_accuracy.json --shots 5,10
+	$(PY) -m lqf bench accuracy --json results/lqf_accuracy_5shot.json --shots 5
+	$(PY) -m lqf bench accuracy --json results/lqf_accuracy_10shot.json --shots 10
 	$(PY) -m lqf bench accuracy --json results/lqf_accuracy_full.json --shots 0
 	$(PY) -m lqf bench cost --json results/lqf_cost.json
 

@@ -10,6 +10,7 @@ runs on the same few-shot subsets, one per seed, and is scored on the test split
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib.metadata
 import os
 import platform
@@ -97,16 +98,19 @@ def make_arms(cfg, names: Sequence[str], quick: bool) -> dict[str, Arm]:
     return _predictor(finetune.linear_probe(new_head(data, seed), data,
                                             dict(cfg["probe"], lr=lr), seed=seed))
 
-  def lqf_arm(**changes):
+  @functools.cache
+  def relu_pretrained() -> train.Classifier:
+    return ensure_pretrained(cfg, quick, workdir_key="pretrain_relu_workdir",
+                             overrides=["model.activation=relu"])
+
+  def lqf_arm(relu: bool = False, **changes):
     def arm(data, seed, lr):
       c = dict(cfg["lqf"], **changes)
       if lr is not None:
         c["lr"] = lr
       base, model = pretrained, model_cfg
-      if changes.get("relu"):
-        base = ensure_pretrained(cfg, quick, workdir_key="pretrain_relu_workdir",
-                                 overrides=["model.activation=relu"])
-        model = dict(model_cfg, activation="relu")
+      if relu:
+        base, model = relu_pretrained(), dict(model_cfg, activation="relu")
       return finetune.lqf(new_head(data, seed, base, model), data, c, seed=seed)[0]
     return arm
 
@@ -157,6 +161,9 @@ def run_arms(*, arm_names: Sequence[str], shots: Sequence[int], seeds: int, quic
         data = pipeline.load_split(d, d.train_split, corrupted=True, shots=k, subset_seed=seed)
         accs.append(train.accuracy(fn(data, seed, lr), test))
         print(f"{name}{suffix} seed {seed}: {accs[-1]:.4f}", file=sys.stderr)
+        # Every run compiles new closures; without this a long benchmark accumulates
+        # executables until LLVM cannot map more memory (seen: a segfault after ~1 h).
+        jax.clear_caches()
       result["arms"][name + suffix] = {"accuracy": summary(accs)}
       result["timing_s"][name + suffix] = time.perf_counter() - t0
   result["design"] = {"target_train": d.train_split, "validation": cfg.val_split,

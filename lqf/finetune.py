@@ -76,7 +76,8 @@ def linear_probe(clf: train.Classifier, data: pipeline.ImageSplit, p: Mapping[st
 
 
 def lqf(clf: train.Classifier, data: pipeline.ImageSplit, c: Mapping[str, Any], *,
-        seed: int, callback=None) -> tuple[Callable[[jax.Array], jax.Array], dict[str, Any]]:
+        seed: int, callback: Callable[[int, PyTree, Any], None] | None = None
+        ) -> tuple[Callable[[jax.Array], jax.Array], dict[str, Any]]:
   """Linear quadratic fine-tuning of `clf` (whose head is already the target's).
 
   `c` is the `lqf` config block: scope, batch_norm, loss, k, lam and the optimiser's

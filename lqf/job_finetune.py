@@ -8,10 +8,9 @@ from the latest checkpoint when run again, shows progress, appends to
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -55,8 +54,8 @@ def check_config(cfg: Mapping[str, Any]) -> None:
           "probe.lr and probe.steps must be positive")
 
 
-def load_pretrained_for(cfg: Mapping[str, Any]) -> train.Classifier:
-  """The pretrained model, checked against the target data."""
+def load_pretrained_for(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], train.Classifier]:
+  """The pretraining run's config and model, checked against the target data."""
   pre_cfg, clf = train.load_pretrained(cfg["pretrained_workdir"])
   channels = pre_cfg["data"]["channels"]
   require(channels == cfg["data"]["channels"],
@@ -105,7 +104,10 @@ def run(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None
   return result
 
 
-def _run_lqf(clf, data, cfg, workdir, stop_at_step, progress):
+def _run_lqf(clf: train.Classifier, data: pipeline.ImageSplit, cfg: Mapping[str, Any],
+             workdir: str, stop_at_step: int | None, progress: bool
+             ) -> Callable[[jax.Array], jax.Array] | None:
+  """Trains δ with checkpoints and resume; returns the predictor, or None if stopped."""
   c = cfg["lqf"]
   lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, c["scope"],
                             batch_norm=c["batch_norm"])
