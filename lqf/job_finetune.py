@@ -20,7 +20,7 @@ from tqdm import tqdm
 from lqf import checkpoint, finetune, linearize, objective, optim, train
 from lqf import config as config_lib
 from lqf.data import pipeline
-from lqf.errors import UserError, require
+from lqf.errors import require
 from lqf.io import MetricsLog, atomic_write_json
 
 METHODS = ("lqf", "nonlinear", "probe")
