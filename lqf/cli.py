@@ -9,20 +9,17 @@ from collections.abc import Callable, Sequence
 from lqf.errors import UserError
 
 
-def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
-  from lqf import config as config_lib, train  # pylint: disable=g-import-not-at-top
+def _train_job(args: argparse.Namespace, overrides: list[str]) -> None:
+  """`pretrain` or `finetune`: load the config, run the job, print its final accuracy."""
+  from lqf import config as config_lib  # pylint: disable=g-import-not-at-top
+  if args.command == "pretrain":
+    from lqf.train import pretrain as job  # pylint: disable=g-import-not-at-top
+  else:
+    from lqf.job_finetune import run as job  # pylint: disable=g-import-not-at-top
   cfg = config_lib.load(args.config, overrides)
-  result = train.pretrain(cfg, args.workdir, progress=not args.no_progress)
-  print(f"pretrain: eval accuracy {result['eval']['accuracy']:.4f} on "
-        f"{result['eval']['count']} images (train {result['train']['accuracy']:.4f}); "
-        f"metrics in {args.workdir}/metrics.jsonl")
-
-
-def _finetune(args: argparse.Namespace, overrides: list[str]) -> None:
-  from lqf import config as config_lib, job_finetune  # pylint: disable=g-import-not-at-top
-  cfg = config_lib.load(args.config, overrides)
-  result = job_finetune.run(cfg, args.workdir, progress=not args.no_progress)
-  print(f"finetune ({result['method']}): eval accuracy {result['eval']['accuracy']:.4f} on "
+  result = job(cfg, args.workdir, progress=not args.no_progress)
+  name = args.command + (f" ({result['method']})" if "method" in result else "")
+  print(f"{name}: eval accuracy {result['eval']['accuracy']:.4f} on "
         f"{result['eval']['count']} images (train {result['train']['accuracy']:.4f}); "
         f"metrics in {args.workdir}/metrics.jsonl")
 
@@ -63,8 +60,8 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
-    "pretrain": _pretrain,
-    "finetune": _finetune,
+    "pretrain": _train_job,
+    "finetune": _train_job,
     "demo": _demo,
     "bench": _bench,
 }
