@@ -9,6 +9,12 @@
 entropy) or "probe" (the head on frozen features). The LQF ablations are config changes:
 `--config.lqf.loss=ce`, `--config.lqf.optimizer=sgd --config.lqf.adaptive=False
 --config.lqf.lr=3e-4`, and a ReLU backbone via `--config.pretrained_workdir`.
+`--config.lqf.report_gap=True` also prints the trained δ's relative gap to the exact
+optimum, and
+
+    python -m lqf solve --config configs/digits_finetune.py --workdir runs/solve
+
+computes that optimum itself (`solve.method=cg` or `kernel`).
 
 Expected at 5 shots a class (docs/BENCHMARKS.md, the mean over 5 subsets): about 90% for
 LQF, 91.5% for the probe, 85.5% for nonlinear fine-tuning; one subset (seed 0) is run here.
@@ -29,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.shots = 5
   c.lqf = t.lqf
   c.lqf.checkpoint_every = 10
+  c.solve = t.solve
   c.finetune = t.finetune
   c.finetune.lr = 0.003            # The benchmark's choice on the validation split.
   c.finetune.checkpoint_every = 50

@@ -14,6 +14,8 @@ def _train_job(args: argparse.Namespace, overrides: list[str]) -> None:
   from lqf import config as config_lib  # pylint: disable=g-import-not-at-top
   if args.command == "pretrain":
     from lqf.train import pretrain as job  # pylint: disable=g-import-not-at-top
+  elif args.command == "solve":
+    from lqf.job_solve import run as job  # pylint: disable=g-import-not-at-top
   else:
     from lqf.job_finetune import run as job  # pylint: disable=g-import-not-at-top
   cfg = config_lib.load(args.config, overrides)
@@ -21,7 +23,14 @@ def _train_job(args: argparse.Namespace, overrides: list[str]) -> None:
   name = args.command + (f" ({result['method']})" if "method" in result else "")
   print(f"{name}: eval accuracy {result['eval']['accuracy']:.4f} on "
         f"{result['eval']['count']} images (train {result['train']['accuracy']:.4f}); "
-        f"metrics in {args.workdir}/metrics.jsonl")
+        f"results in {args.workdir}")
+  if "optimality" in result:
+    o = result["optimality"]
+    print(f"objective {o['objective']:.6g}, exact optimum {o['optimum']:.6g} "
+          f"({o['solver']}): relative gap {o['relative_gap']:.3g}")
+  if "iterations" in result:
+    print(f"optimum {result['objective']:.6g} after {result['iterations']} iterations in "
+          f"{result['seconds']:.1f} s (converged: {result['converged']})")
 
 
 def _demo(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -62,6 +71,7 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
     "pretrain": _train_job,
     "finetune": _train_job,
+    "solve": _train_job,
     "demo": _demo,
     "bench": _bench,
 }
@@ -80,6 +90,11 @@ def parser() -> argparse.ArgumentParser:
   ft.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
   ft.add_argument("--workdir", required=True, help="checkpoints, metrics, results")
   ft.add_argument("--no_progress", action="store_true", help="no progress bar")
+  so = sub.add_parser("solve", help="the exact optimum of a config's LQF problem",
+                      description="Config overrides: --config.solve.method=kernel and so on.")
+  so.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
+  so.add_argument("--workdir", required=True, help="where the solution is written")
+  so.add_argument("--no_progress", action="store_true", help="no progress output")
   dm = sub.add_parser("demo", help="the main job on the built-in digits")
   dm.add_argument("--workdir", default="runs/demo")
   dm.add_argument("--no_progress", action="store_true", help="no progress bars")

@@ -49,6 +49,9 @@ def check_config(cfg: Mapping[str, Any]) -> None:
   require(cfg["method"] != "lqf" or (aug["crop_padding"] == 0 and not aug["flip"]),
           "lqf computes the frozen prefix once per image, so it cannot augment: set "
           "--config.data.augment.crop_padding=0 and --config.data.augment.flip=False")
+  if cfg["method"] == "lqf" and q["report_gap"]:
+    from lqf import job_solve  # pylint: disable=g-import-not-at-top
+    job_solve.check_solve_config(cfg)
   config_lib.check_train(cfg["finetune"], prefix="finetune")
   require(cfg["probe"]["lr"] > 0 and cfg["probe"]["steps"] > 0,
           "probe.lr and probe.steps must be positive")
@@ -93,21 +96,37 @@ def run(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None
     jitted = jax.jit(out.apply)
     predict = lambda x: jitted(out.params, out.batch_stats, x)
   else:
-    predict = _run_lqf(clf, data, cfg, workdir, stop_at_step, progress)
-    if predict is None:
+    trained = _run_lqf(clf, data, cfg, workdir, stop_at_step, progress)
+    if trained is None:
       return {}
+    predict, delta = trained
   result = {"method": method, "eval": {"accuracy": train.accuracy(predict, evaluation),
                                        "count": len(evaluation)},
             "train": {"accuracy": train.accuracy(predict, data), "count": len(data)}}
+  if method == "lqf" and cfg["lqf"]["report_gap"]:
+    result["optimality"] = _optimality(clf, data, cfg, delta)
   if stop_at_step is None:
     atomic_write_json(os.path.join(workdir, "final_metrics.json"), result)
   return result
 
 
+def _optimality(clf: train.Classifier, data: pipeline.ImageSplit, cfg: Mapping[str, Any],
+                delta: Any) -> dict[str, Any]:
+  """The trained δ's objective against the exact optimum (config block `solve`)."""
+  from lqf import job_solve  # pylint: disable=g-import-not-at-top
+  c, s = cfg["lqf"], cfg["solve"]
+  sol, seconds = job_solve.exact_optimum(clf, data.images, data.labels, data.num_classes,
+                                         c, s, seed=cfg["seed"])
+  value, gap = job_solve.gap_of(clf, data.images, data.labels, data.num_classes, c, delta,
+                                sol.objective, float64=s["float64"])
+  return {"objective": value, "optimum": sol.objective, "relative_gap": gap,
+          "solver": s["method"], "solver_seconds": seconds}
+
+
 def _run_lqf(clf: train.Classifier, data: pipeline.ImageSplit, cfg: Mapping[str, Any],
              workdir: str, stop_at_step: int | None, progress: bool
-             ) -> Callable[[jax.Array], jax.Array] | None:
-  """Trains δ with checkpoints and resume; returns the predictor, or None if stopped."""
+             ) -> tuple[Callable[[jax.Array], jax.Array], Any] | None:
+  """Trains δ with checkpoints and resume; returns (predictor, δ), or None if stopped."""
   c = cfg["lqf"]
   lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, c["scope"],
                             batch_norm=c["batch_norm"])
@@ -149,4 +168,4 @@ def _run_lqf(clf: train.Classifier, data: pipeline.ImageSplit, cfg: Mapping[str,
   if total < int(c["steps"]):
     return None
   apply = jax.jit(lin.apply)
-  return lambda x: apply(delta, lin.state, linearize.prefix_features(lin, x))
+  return (lambda x: apply(delta, lin.state, linearize.prefix_features(lin, x))), delta

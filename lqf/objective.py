@@ -56,3 +56,17 @@ def make_loss(apply: Callable[[PyTree, LinState, jax.Array], jax.Array], *, loss
     return data_term(apply(delta, state, h), labels, loss=loss, k=k) + lam * sq_norm(delta)
 
   return objective
+
+
+def make_nonlinear_loss(nonlinear: Callable[[PyTree, LinState, jax.Array], jax.Array], *,
+                        loss: str, k: float, lam: float
+                        ) -> Callable[[PyTree, LinState, Batch], jax.Array]:
+  """The same objective through the network itself at `w0 + δ` (what LQF linearizes):
+  equal to `make_loss`'s at δ = 0 with the same gradient there, but not quadratic."""
+
+  def objective(delta: PyTree, state: LinState, batch: Batch) -> jax.Array:
+    h, labels = batch
+    w = jax.tree.map(jnp.add, state["w0"], delta)
+    return data_term(nonlinear(w, state, h), labels, loss=loss, k=k) + lam * sq_norm(delta)
+
+  return objective

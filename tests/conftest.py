@@ -35,3 +35,16 @@ def tiny_config():
   cfg.train.update(dict(steps=6, batch_size=32, warmup_steps=1, checkpoint_every=2,
                         eval_every=3, log_every=1))
   return cfg
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+  """A finished (4-step, 4-channel) digits pretraining run: the workdir."""
+  from lqf import config as config_lib, train
+  workdir = str(tmp_path_factory.mktemp("pre"))
+  cfg = config_lib.load(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                     "digits_pretrain.py"), [
+      "model.width=4", "data.image_size=8", "train.steps=4", "train.batch_size=32",
+      "train.checkpoint_every=4", "train.eval_every=4", "train.log_every=4"])
+  train.pretrain(cfg, workdir, progress=False)
+  return workdir

@@ -10,20 +10,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lqf import config as config_lib
-from lqf import job_finetune, train
+from lqf import job_finetune
 from lqf.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("pre"))
-  cfg = config_lib.load(os.path.join(ROOT, "configs/digits_pretrain.py"), [
-      "model.width=4", "data.image_size=8", "train.steps=4", "train.batch_size=32",
-      "train.checkpoint_every=4", "train.eval_every=4", "train.log_every=4"])
-  train.pretrain(cfg, workdir, progress=False)
-  return workdir
 
 
 def _cfg(pretrained, *extra):
