@@ -321,8 +321,11 @@ def run(name: str, *, json_path: str, seeds: int, quick: bool,
   elif name == "accuracy":
     result = accuracy(seeds=seeds, quick=quick, overrides=overrides, shots=shots)
     result["goals"] = accuracy_goals(result)
+  elif name == "solve":
+    from lqf import bench_solve  # pylint: disable=g-import-not-at-top
+    result = bench_solve.run(seeds=seeds, quick=quick, shots=shots, overrides=overrides)
   else:
-    raise UserError(f"unknown benchmark {name!r}: use transfer, accuracy or cost")
+    raise UserError(f"unknown benchmark {name!r}: use transfer, accuracy, cost or solve")
   doc = {"meta": meta(command, range(seeds)), **result}
   atomic_write_json(json_path, doc)
   return doc
@@ -333,7 +336,12 @@ def format_table(doc: Mapping[str, Any]) -> str:
   for arm, metrics in doc["arms"].items():
     for metric, a in metrics.items():
       scale = 100 if metric == "accuracy" else 1
-      lines.append(f"{arm:<40} {metric:<18} {scale * a['mean']:11.4g} ± {scale * a['std']:8.3g}")
+      if a["mean"] is None:
+        lines.append(f"{arm:<40} {metric:<18} {'not reached':>22}")
+        continue
+      extra = f" ({a['not_reached']} not reached)" if a.get("not_reached") else ""
+      lines.append(f"{arm:<40} {metric:<18} {scale * a['mean']:11.4g} ± "
+                   f"{scale * a['std']:8.3g}{extra}")
   if "goals" in doc:
     lines.append("goals: " + ", ".join(f"{k}={v}" for k, v in doc["goals"].items()))
   return "\n".join(lines)

@@ -99,11 +99,11 @@ def parser() -> argparse.ArgumentParser:
   dm.add_argument("--workdir", default="runs/demo")
   dm.add_argument("--no_progress", action="store_true", help="no progress bars")
   b = sub.add_parser("bench", help="run a benchmark and write its JSON")
-  b.add_argument("name", choices=["transfer", "accuracy", "cost"])
+  b.add_argument("name", choices=["transfer", "accuracy", "cost", "solve"])
   b.add_argument("--json", required=True, help="where to write the results")
   b.add_argument("--seeds", type=int, default=5)
   b.add_argument("--quick", action="store_true", help="a fast smoke version")
-  b.add_argument("--shots", default="", help="accuracy: comma-separated shots a class, "
+  b.add_argument("--shots", default="", help="accuracy, solve: comma-separated shots a class, "
                  "0 = the whole target set (default 5,10,0)")
   return p
 

@@ -63,3 +63,24 @@ def test_quick_cost_bench_reports_ratios_of_its_own_timings(tmp_path, pre):
   np.testing.assert_allclose(r, np.array(t_lin) / np.array(t_non))
   assert all(arms[a]["temp_memory_bytes"]["mean"] > 0 for a in arms if a != "ratios")
   assert set(doc["goals"]) == {"all_at_most_1.8x", "last_stage_at_most_1.3x"}
+
+
+def test_quick_solve_bench_reports_solvers_and_trainers(tmp_path, pre):
+  from lqf import bench_solve
+  doc = bench.run("solve", json_path=str(tmp_path / "s.json"), seeds=1, quick=True,
+                  overrides=[pre])
+  arms = doc["arms"]
+  assert set(arms) == {"kernel@5shot", "cg_kfac@5shot", "train_kfac@5shot",
+                       "train_sgd@5shot", "train_adam@5shot"}
+  assert arms["kernel@5shot"]["objective"]["mean"] > 0
+  # CG can only be above the optimum, up to float32 round-off.
+  assert arms["cg_kfac@5shot"]["gap_to_kernel"]["mean"] > -1e-3
+  for name in ("kfac", "sgd", "adam"):
+    gaps = doc["curves"][f"train_{name}@5shot"][0]
+    assert gaps and all(g > -1e-3 for g in gaps)
+  assert json.loads((tmp_path / "s.json").read_text())["meta"]["command"].startswith(
+      "python -m lqf bench solve")
+  assert "kernel@5shot" in bench.format_table(doc)
+  assert bench_solve._summary_nan([1.0, float("nan"), 3.0]) == {
+      "mean": 2.0, "std": pytest.approx(np.sqrt(2.0)), "values": [1.0, None, 3.0],
+      "not_reached": 1}

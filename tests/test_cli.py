@@ -1,27 +1,16 @@
 """The command line as a user meets it: one-line errors, exit code 2, nothing written."""
 
-import os
-import subprocess
-import sys
 
 import pytest
+from cli_helpers import assert_one_line_error, run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/digits_pretrain.py"
 TINY = ["--config.model.width=4", "--config.data.image_size=8", "--config.train.steps=2",
         "--config.train.batch_size=16", "--config.train.checkpoint_every=1"]
 
 
-def run(*args, cwd=ROOT):
-  return subprocess.run([sys.executable, "-m", "lqf", *args], cwd=cwd, capture_output=True,
-                        text=True, timeout=300, env=dict(os.environ))
-
-
-def _assert_one_line_error(proc, match):
-  assert proc.returncode == 2, proc.stderr
-  assert "Traceback" not in proc.stderr
-  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-  assert len(lines) == 1 and match in lines[0], proc.stderr
+run = run_cli
+_assert_one_line_error = assert_one_line_error
 
 
 @pytest.mark.parametrize("override, match", [

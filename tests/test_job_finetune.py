@@ -2,18 +2,16 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from cli_helpers import ROOT, assert_one_line_error, run_cli
 
 from lqf import config as config_lib
 from lqf import job_finetune
 from lqf.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(pretrained, *extra):
@@ -70,10 +68,5 @@ def test_cli_errors(pretrained, tmp_path, override, match):
   workdir = tmp_path / "w"
   args = ["finetune", "--config", "configs/digits_finetune.py", "--workdir", str(workdir),
           f"--config.pretrained_workdir={pretrained}", f"--config.{override}"]
-  proc = subprocess.run([sys.executable, "-m", "lqf", *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=300)
-  assert proc.returncode == 2, proc.stderr
-  assert "Traceback" not in proc.stderr
-  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-  assert len(errors) == 1 and match in errors[0], proc.stderr
+  assert_one_line_error(run_cli(*args), match)
   assert not workdir.exists()
