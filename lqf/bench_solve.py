@@ -3,7 +3,7 @@
 On the digits transfer task (the LQF config of `configs/digits_transfer.py`), for each
 number of shots and seed: the kernel solve and K-FAC-preconditioned CG (float32), their
 agreement, and the steps and seconds K-FAC training needs to come within 1% of the
-optimum. At `trainer_shots` (5 a class) SGD with momentum and Adam, each at the learning
+optimum; and the test accuracy of the exact optimum. At `trainer_shots` (5 a class) SGD with momentum and Adam, each at the learning
 rate of its grid that gets there first on seed 0, are run to the same target (issue 3's
 cost comparison).
 """
@@ -20,12 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from lqf import config as config_lib
-from lqf import finetune, linearize, objective, optim, solve
+from lqf import finetune, linearize, objective, optim, solve, train
 from lqf.bench import TRANSFER_CONFIG, ensure_pretrained, summary
 from lqf.data import pipeline
 from lqf.errors import NonFiniteLossError
 
 GAP = 0.01
+# Looser targets too: at a few shots L* is ~1e-5 of L(0), and 1% of it may be out of
+# reach of float32 training; these show how far each optimiser does get.
+THRESHOLDS = (10.0, 1.0, GAP)
 TRAINER_GRIDS = {"sgd": (1e-4, 3e-4, 1e-3), "adam": (1e-4, 1e-3, 1e-2)}
 
 
@@ -34,9 +37,10 @@ def steps_to_gap(loss, lin: linearize.Linearized, feats: jax.Array, labels: jax.
                  seed: int) -> dict[str, Any]:
   """Trains with `o` for up to `max_steps`, evaluating the whole objective after each
   step (outside the timed part); returns the first step within GAP of `optimum`, the
-  training seconds to it, and the gap curve."""
+  training seconds to it, and the gap and cumulative-seconds curves."""
   full = jax.jit(lambda d: loss(d, lin.state, (feats, labels)))
   gaps: list[float] = []
+  times: list[float] = []
   spent = [0.0]
   clock = [time.perf_counter()]
 
@@ -44,19 +48,25 @@ def steps_to_gap(loss, lin: linearize.Linearized, feats: jax.Array, labels: jax.
     jax.block_until_ready(delta)
     spent[0] += time.perf_counter() - clock[0]
     gaps.append(solve.relative_gap(float(full(delta)), optimum))
+    times.append(spent[0])
     if gaps[-1] <= GAP:
       raise _Reached(step, spent[0])
     clock[0] = time.perf_counter()
 
+  out: dict[str, Any] = {"steps": None, "seconds": None}
   try:
     clock[0] = time.perf_counter()
     optim.fit(loss, lin.zeros(), lin.state, feats, labels, dict(o, steps=max_steps),
               l2=2 * lam, seed=seed, callback=callback)
   except _Reached as r:
-    return {"steps": r.step, "seconds": r.seconds, "gaps": gaps}
+    out = {"steps": r.step, "seconds": r.seconds}
   except NonFiniteLossError:
-    return {"steps": None, "seconds": None, "gaps": gaps, "diverged": True}
-  return {"steps": None, "seconds": None, "gaps": gaps}
+    out["diverged"] = True
+  for t in THRESHOLDS:
+    first = next((i for i, g in enumerate(gaps) if g <= t), None)
+    out[f"steps_to_{t:g}"] = None if first is None else first + 1
+    out[f"seconds_to_{t:g}"] = None if first is None else times[first]
+  return dict(out, gaps=gaps)
 
 
 class _Reached(Exception):
@@ -76,6 +86,7 @@ def run(*, seeds: int, quick: bool, shots: Sequence[int] | None = None,
   pre_cfg = config_lib.to_dict(config_lib.load(cfg.pretrain_config))
   pretrained = ensure_pretrained(cfg, quick)
   d, c, s = cfg.data, config_lib.to_dict(cfg.lqf), config_lib.to_dict(cfg.solve)
+  test = pipeline.load_split(d, d.eval_split, corrupted=True)
   raw: dict[str, dict[str, list[float]]] = {}
   curves: dict[str, Any] = {}
   tuning: dict[str, Any] = {}
@@ -100,6 +111,10 @@ def run(*, seeds: int, quick: bool, shots: Sequence[int] | None = None,
       by_kernel = solve.kernel_solve(problem, max_bytes=s["max_gb"] * 1e9)
       put("kernel" + suffix, "seconds", time.perf_counter() - t0)
       put("kernel" + suffix, "objective", by_kernel.objective)
+      apply = jax.jit(lin.apply)
+      put("kernel" + suffix, "accuracy", train.accuracy(
+          lambda x, dl=by_kernel.delta: apply(dl, lin.state, linearize.prefix_features(lin, x)),
+          test))
       optimum = by_kernel.objective
       t0 = time.perf_counter()
       pre = solve.kfac_preconditioner(problem, damping=s["damping"], seed=seed)
@@ -120,12 +135,13 @@ def run(*, seeds: int, quick: bool, shots: Sequence[int] | None = None,
         runs = [steps_to_gap(loss, lin, feats, labels, o, c["lam"], optimum,
                              max_steps=max_steps, seed=seed) for o in options]
         # Tuned: the learning rate that gets there in the fewest steps (else lowest gap).
-        best = min(range(len(runs)), key=lambda i: (runs[i]["steps"] or np.inf,
-                                                    min(runs[i]["gaps"] or [np.inf])))
+        best = min(range(len(runs)), key=lambda i: (
+            runs[i]["steps"] or np.inf, min(runs[i]["gaps"] or [np.inf])))
         r = runs[best]
         arm = f"train_{name}{suffix}"
-        put(arm, "steps_to_1pct", r["steps"])
-        put(arm, "seconds_to_1pct", r["seconds"])
+        for t in THRESHOLDS:
+          put(arm, f"steps_to_gap_{t:g}", r[f"steps_to_{t:g}"])
+          put(arm, f"seconds_to_gap_{t:g}", r[f"seconds_to_{t:g}"])
         put(arm, "best_gap", min(r["gaps"]) if r["gaps"] else None)
         curves.setdefault(arm, []).append(r["gaps"])
         if len(options) > 1:
@@ -133,7 +149,7 @@ def run(*, seeds: int, quick: bool, shots: Sequence[int] | None = None,
               {"lr": options[best]["lr"],
                "steps_by_lr": {str(o["lr"]): ru["steps"] for o, ru in zip(options, runs)}})
       print(f"solve{suffix} seed {seed}: kernel {raw['kernel' + suffix]['seconds'][-1]:.1f}s, "
-            f"K-FAC steps to 1%: {raw['train_kfac' + suffix]['steps_to_1pct'][-1]}",
+            f"K-FAC steps to 1%: {raw['train_kfac' + suffix][f'steps_to_gap_{GAP:g}'][-1]}",
             file=sys.stderr)
       jax.clear_caches()
   arms = {a: {m: _summary_nan(v) for m, v in ms.items()} for a, ms in raw.items()}
@@ -141,9 +157,22 @@ def run(*, seeds: int, quick: bool, shots: Sequence[int] | None = None,
   for k in shots:
     suffix = f"@{k}shot" if k > 0 else "@full"
     kern = arms["kernel" + suffix]["seconds"]["mean"]
-    kfac = arms["train_kfac" + suffix]["seconds_to_1pct"]["mean"]
+    kfac = arms["train_kfac" + suffix][f"seconds_to_gap_{GAP:g}"]["mean"]
     goals[f"exact_faster_than_kfac_to_1pct{suffix}"] = (
         bool(kern < kfac) if kfac is not None else "K-FAC did not reach 1% within max_steps")
+  suffix = f"@{trainer_shots}shot"
+  if f"train_sgd{suffix}" in arms:
+    for t in THRESHOLDS:
+      steps = {n: arms[f"train_{n}{suffix}"][f"steps_to_gap_{t:g}"]["mean"]
+               for n in ("kfac", "sgd", "adam")}
+      others = [v for n, v in steps.items() if n != "kfac" and v is not None]
+      key = f"kfac_at_most_a_fifth_of_the_steps_to_gap_{t:g}{suffix}"
+      if steps["kfac"] is None:
+        goals[key] = "K-FAC did not get there within max_steps"
+      elif not others:
+        goals[key] = "met: neither SGD nor Adam got there within max_steps"
+      else:
+        goals[key] = bool(steps["kfac"] <= min(others) / 5)
   return {"arms": arms, "goals": goals, "curves": curves, "tuning": tuning,
           "design": {"gap": GAP, "max_steps": max_steps, "trainer_shots": trainer_shots,
                      "trainer_grids": TRAINER_GRIDS, "lqf": c, "solve": s,
