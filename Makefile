@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) -m lqf bench accuracy --json results/lqf_accuracy_10shot.json --shots 10
 	$(PY) -m lqf bench accuracy --json results/lqf_accuracy_full.json --shots 0
 	$(PY) -m lqf bench cost --json results/lqf_cost.json
+	$(PY) -m lqf bench solve --json results/lqf_solve.json
 
 clean:
 	rm -rf $(VENV) runs
