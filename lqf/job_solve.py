@@ -48,6 +48,19 @@ def _to_float(tree: PyTree, dtype: Any) -> PyTree:
                       if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a, tree)
 
 
+def lqf_problem(clf: train.Classifier, images: np.ndarray, labels: np.ndarray,
+                num_classes: int, c: Mapping[str, Any], *, dtype: Any,
+                batch_size: int = 256) -> solve.Problem:
+  """The LQF objective of config block `c` on (images, labels), in `dtype` (inside
+  `jax.enable_x64` for float64)."""
+  lin = linearize.linearize(clf.split_at, _to_float(clf.params, dtype),
+                            _to_float(clf.batch_stats, dtype), c["scope"],
+                            batch_norm=c["batch_norm"])
+  feats = linearize.prefix_features(lin, jnp.asarray(images, dtype))
+  return solve.mse_problem(lin.apply, lin.state, lin.zeros(), feats, labels, num_classes,
+                           k=c["k"], lam=c["lam"], batch_size=batch_size)
+
+
 def exact_optimum(clf: train.Classifier, images: np.ndarray, labels: np.ndarray,
                   num_classes: int, c: Mapping[str, Any], s: Mapping[str, Any], *,
                   seed: int = 0, callback: Callable[[int, PyTree, float], None] | None = None
@@ -56,13 +69,8 @@ def exact_optimum(clf: train.Classifier, images: np.ndarray, labels: np.ndarray,
   (images, labels). Returns the solution with δ* in float32, and the solve's seconds."""
   dtype = jnp.float64 if s["float64"] else jnp.float32
   with jax.enable_x64(bool(s["float64"])):
-    lin = linearize.linearize(clf.split_at, _to_float(clf.params, dtype),
-                              _to_float(clf.batch_stats, dtype), c["scope"],
-                              batch_norm=c["batch_norm"])
-    feats = linearize.prefix_features(lin, jnp.asarray(images, dtype))
-    problem = solve.mse_problem(lin.apply, lin.state, lin.zeros(), feats, labels,
-                                num_classes, k=c["k"], lam=c["lam"],
-                                batch_size=int(s["batch_size"]))
+    problem = lqf_problem(clf, images, labels, num_classes, c, dtype=dtype,
+                          batch_size=int(s["batch_size"]))
     t0 = time.perf_counter()
     if s["method"] == "cg":
       pre = (solve.kfac_preconditioner(problem, damping=s["damping"], seed=seed)
@@ -83,12 +91,7 @@ def gap_of(clf: train.Classifier, images: np.ndarray, labels: np.ndarray, num_cl
   """(L(δ), (L(δ) - L*)/|L*|) for a trained δ, evaluated at the solver's precision."""
   dtype = jnp.float64 if float64 else jnp.float32
   with jax.enable_x64(float64):
-    lin = linearize.linearize(clf.split_at, _to_float(clf.params, dtype),
-                              _to_float(clf.batch_stats, dtype), c["scope"],
-                              batch_norm=c["batch_norm"])
-    feats = linearize.prefix_features(lin, jnp.asarray(images, dtype))
-    problem = solve.mse_problem(lin.apply, lin.state, lin.zeros(), feats, labels,
-                                num_classes, k=c["k"], lam=c["lam"])
+    problem = lqf_problem(clf, images, labels, num_classes, c, dtype=dtype)
     value = solve.objective(problem, _to_float(delta, dtype))
   return value, solve.relative_gap(value, optimum)
 
