@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) -m lqf bench accuracy --json results/lqf_accuracy_full.json --shots 0
 	$(PY) -m lqf bench cost --json results/lqf_cost.json
 	$(PY) -m lqf bench solve --json results/lqf_solve.json
+	$(PY) -m pc bench --json results/pc.json
 
 clean:
 	rm -rf $(VENV) runs

@@ -108,15 +108,23 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def dispatch(p: argparse.ArgumentParser,
+             commands: dict[str, Callable[[argparse.Namespace, list[str]], None]],
+             argv: Sequence[str] | None) -> int:
+  """Parses `argv` (the `--config.KEY=VALUE` overrides pass through) and runs the command;
+  a `UserError` becomes one `error:` line on stderr and exit status 2."""
   argv = list(sys.argv[1:] if argv is None else argv)
-  args, rest = parser().parse_known_args(argv)
+  args, rest = p.parse_known_args(argv)
   unknown = [r for r in rest if not r.startswith("--config.")]
   if unknown:
-    parser().error(f"unrecognized arguments: {' '.join(unknown)}")
+    p.error(f"unrecognized arguments: {' '.join(unknown)}")
   try:
-    COMMANDS[args.command](args, rest)
+    commands[args.command](args, rest)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return dispatch(parser(), COMMANDS, argv)

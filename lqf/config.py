@@ -128,3 +128,5 @@ def check_train(t: Mapping[str, Any], prefix: str = "train") -> None:
   require(t["weight_decay"] >= 0, f"{prefix}.weight_decay must be ≥ 0, got {t['weight_decay']}")
   for key in ("checkpoint_every", "eval_every", "log_every"):
     require(t[key] > 0, f"{prefix}.{key} must be positive, got {t[key]}")
+  require(t.get("clip_norm", 0.0) >= 0, f"{prefix}.clip_norm must be ≥ 0 (0 = no clipping), "
+          f"got {t.get('clip_norm')}")

@@ -294,6 +294,21 @@ def _jacobian_rows(outputs: Outputs, like, state, h) -> jax.Array:
   return jnp.concatenate([l.reshape(bsz * c, -1) for l in leaves], axis=1)
 
 
+def jacobian(outputs: Outputs, like: PyTree, state: LinState, inputs: jax.Array, *,
+             batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+  """The per-example Jacobians and outputs at δ = 0, in batches.
+
+  Returns (G [N, C, P] float32 in `ravel_pytree(like)` order, g(h; 0) [N, C]).
+  """
+  p = ravel_pytree(like)[0].size
+  jacs, outs = [], []
+  for i in range(0, len(inputs), batch_size):
+    h = inputs[i:i + batch_size]
+    jacs.append(np.asarray(_jacobian_rows(outputs, like, state, h)).reshape(len(h), -1, p))
+    outs.append(np.asarray(outputs(like, state, h)))
+  return np.concatenate(jacs), np.concatenate(outs)
+
+
 def kernel_solve(problem: Problem, *, max_bytes: float = 4e9) -> Solution:
   """δ* = Φᵀ(ΦΦᵀ + λI)⁻¹ r (module docstring), the kernel built in batches.
 

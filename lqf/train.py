@@ -39,13 +39,18 @@ def make_schedule(t: Mapping[str, Any]) -> optax.Schedule:
 
 
 def make_optimizer(t: Mapping[str, Any]) -> optax.GradientTransformation:
-  """SGD with Nesterov momentum or Adam, decoupled weight decay, `make_schedule`."""
+  """SGD with Nesterov momentum or Adam, decoupled weight decay, `make_schedule`; with
+  `t.clip_norm` > 0 the gradient's global norm is clipped to it first."""
   schedule = make_schedule(t)
   if t["optimizer"] == "sgd":
     opt = optax.sgd(schedule, momentum=t["momentum"], nesterov=True)
   else:
     opt = optax.adam(schedule)
-  return optax.chain(optax.add_decayed_weights(t["weight_decay"]), opt)
+  chain = [optax.add_decayed_weights(t["weight_decay"]), opt]
+  clip = float(t.get("clip_norm", 0.0) or 0.0)
+  # Only when asked: the optimiser state's structure (and so old checkpoints) stays put.
+  return optax.chain(optax.clip_by_global_norm(clip), *chain) if clip > 0 \
+      else optax.chain(*chain)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -80,34 +85,45 @@ def build_classifier(model_cfg: Mapping[str, Any], num_classes: int, in_channels
                     params, batch_stats)
 
 
+# (logits [B, C], labels int [B], extras of the batch) -> the scalar training loss.
+LossFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
+
+
+def _plain_cross_entropy(logits: jax.Array, labels: jax.Array, extras: Any) -> jax.Array:
+  del extras
+  return cross_entropy(logits, labels)
+
+
 def make_train_step(clf: Classifier, optimizer: optax.GradientTransformation,
-                    trainable: PyTree | None = None, train_bn: bool = True) -> Callable:
-  """A jitted `state, images, labels -> state, metrics` step.
+                    trainable: PyTree | None = None, train_bn: bool = True,
+                    loss: LossFn = _plain_cross_entropy) -> Callable:
+  """A jitted `state, images, labels, extras -> state, metrics` step.
 
   `trainable`, a pytree of bools shaped like the params, freezes the False leaves
   (their updates are zeroed). `train_bn=False` keeps batch norm on its running
-  statistics and never updates them.
+  statistics and never updates them. `loss` defaults to cross-entropy; `extras` is
+  whatever else it reads per example (the PC losses: the old model's logits).
   """
 
-  def loss_fn(params, batch_stats, images, labels):
+  def loss_fn(params, batch_stats, images, labels, extras):
     if train_bn:
       logits, new_stats = clf.train_apply(params, batch_stats, images)
     else:
       logits, new_stats = clf.apply(params, batch_stats, images), batch_stats
-    loss = cross_entropy(logits, labels)
-    return loss, (new_stats, (logits.argmax(-1) == labels).mean())
+    value = loss(logits, labels, extras)
+    return value, (new_stats, (logits.argmax(-1) == labels).mean())
 
   @jax.jit
-  def step(state, images, labels):
-    (loss, (new_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], state["batch_stats"], images, labels)
+  def step(state, images, labels, extras=None):
+    (value, (new_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state["batch_stats"], images, labels, extras)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     if trainable is not None:
       updates = jax.tree.map(lambda u, t: u if t else jnp.zeros_like(u), updates, trainable)
     params = optax.apply_updates(state["params"], updates)
     new = {"params": params, "batch_stats": new_stats, "opt_state": opt_state,
            "step": state["step"] + 1}
-    return new, {"loss": loss, "accuracy": acc}
+    return new, {"loss": value, "accuracy": acc}
 
   return step
 
@@ -141,16 +157,21 @@ def fit(clf: Classifier, train: pipeline.ImageSplit, t: Mapping[str, Any], *,
         seed: int, augment: Mapping[str, Any] | None = None,
         trainable: PyTree | None = None, train_bn: bool = True,
         evaluation: pipeline.ImageSplit | None = None, workdir: str | None = None,
-        stop_at_step: int | None = None, progress: bool = True) -> tuple[PyTree, PyTree]:
+        stop_at_step: int | None = None, progress: bool = True,
+        loss: LossFn = _plain_cross_entropy,
+        extras: Callable[[np.ndarray, np.ndarray], Any] | None = None,
+        log_name: str = "train") -> tuple[PyTree, PyTree]:
   """Trains `clf` on `train` for `t.steps` steps; returns `(params, batch_stats)`.
 
   With a `workdir`, checkpoints every `t.checkpoint_every` steps and at the end, resumes
   from the latest checkpoint, and appends metrics to `workdir/metrics.jsonl`.
-  `stop_at_step` ends the run early, as a preemption would (for tests).
+  `stop_at_step` ends the run early, as a preemption would (for tests). `loss` replaces
+  cross-entropy; `extras(indices, images)` gives it per-batch data (the rows of `train`
+  in the batch, and the batch's images after augmentation).
   """
   batch_size = min(int(t["batch_size"]), len(train))
   optimizer, schedule = make_optimizer(t), make_schedule(t)
-  step_fn = make_train_step(clf, optimizer, trainable, train_bn)
+  step_fn = make_train_step(clf, optimizer, trainable, train_bn, loss)
   state = {"params": clf.params, "batch_stats": clf.batch_stats,
            "opt_state": optimizer.init(clf.params), "step": jnp.zeros((), jnp.int32)}
   total = int(t["steps"])
@@ -164,7 +185,7 @@ def fit(clf: Classifier, train: pipeline.ImageSplit, t: Mapping[str, Any], *,
       state, start = restored
       print(f"resuming from the checkpoint at step {start} in {workdir}", file=sys.stderr)
     log.truncate_after(start)
-  bar = tqdm(total=total, initial=start, desc="train", disable=not progress,
+  bar = tqdm(total=total, initial=start, desc=log_name, disable=not progress,
              dynamic_ncols=True, file=sys.stderr)
   last_time = time.perf_counter()
   for step in range(start, total):
@@ -172,7 +193,9 @@ def fit(clf: Classifier, train: pipeline.ImageSplit, t: Mapping[str, Any], *,
       break
     images, labels = pipeline.batch_at(train, batch_size=batch_size, step=step, seed=seed,
                                        augment_cfg=augment)
-    state, metrics = step_fn(state, images, labels)
+    batch_extras = None if extras is None else extras(
+        pipeline.batch_indices(len(train), batch_size, step, seed), images)
+    state, metrics = step_fn(state, images, labels, batch_extras)
     done = step + 1
     if log is not None and (done % t["log_every"] == 0 or done == total):
       now = time.perf_counter()

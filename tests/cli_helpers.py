@@ -1,4 +1,4 @@
-"""Running `python -m lqf` as a user does, and checking its one-line errors."""
+"""Running `python -m lqf` (or `pc`) as a user does, and checking its one-line errors."""
 
 import os
 import subprocess
@@ -7,8 +7,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args, cwd=ROOT):
-  return subprocess.run([sys.executable, "-m", "lqf", *args], cwd=cwd, capture_output=True,
+def run_cli(*args, cwd=ROOT, module="lqf"):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True,
                         text=True, timeout=300, env=dict(os.environ))
 
 

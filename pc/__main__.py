@@ -1,0 +1,5 @@
+import sys
+
+from pc.cli import main
+
+sys.exit(main())

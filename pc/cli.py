@@ -1,0 +1,67 @@
+"""`python -m pc COMMAND --config configs/<name>.py [--workdir DIR | --out DIR]
+[--config.key=value ...]`: PC training, the exact trade-off, the benchmark."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+
+from lqf import cli as lqf_cli
+from lqf.errors import UserError
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> None:
+  from lqf import config as config_lib  # pylint: disable=g-import-not-at-top
+  from pc import job  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.load(args.config, overrides)
+  result = job.run(cfg, args.workdir, progress=not args.no_progress)
+  r = result["eval"]["rates"]
+  print(f"pc train ({result['method']}): eval accuracy {result['eval']['accuracy']:.4f} on "
+        f"{result['eval']['count']} images; ER_old {100 * r['ER_old']:.2f}%, NFR "
+        f"{100 * r['NFR']:.2f}%, PFR {100 * r['PFR']:.2f}%, relative NFR {r['rel_NFR']:.3f}, "
+        f"NFI {r['NFI']:.3f}; results in {args.workdir}")
+
+
+def _tradeoff(args: argparse.Namespace, overrides: list[str]) -> None:
+  from lqf import config as config_lib  # pylint: disable=g-import-not-at-top
+  from pc import job_tradeoff  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.load(args.config, overrides)
+  doc = job_tradeoff.run(cfg, args.out, progress=not args.no_progress)
+  print(job_tradeoff.format_table(doc))
+  print(f"written: {args.out}/tradeoff.json, tradeoff.csv, tradeoff.png")
+
+
+def _bench(args: argparse.Namespace, overrides: list[str]) -> None:
+  from pc import bench  # pylint: disable=g-import-not-at-top
+  if overrides:
+    raise UserError(f"bench takes no config overrides, got {' '.join(overrides)}")
+  doc = bench.run(json_path=args.json, seeds=args.seeds, quick=args.quick)
+  print(bench.format_table(doc))
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
+    "train": _train, "tradeoff": _tradeoff, "bench": _bench}
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m pc", description=__doc__)
+  sub = p.add_subparsers(dest="command", required=True)
+  tr = sub.add_parser("train", help="train a new model against an old one",
+                      description="Config overrides: --config.pc.method=fd_lm and so on.")
+  tr.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
+  tr.add_argument("--workdir", required=True, help="checkpoints, metrics, results")
+  tr.add_argument("--no_progress", action="store_true", help="no progress bar")
+  to = sub.add_parser("tradeoff", help="the exact ER-versus-NFR curve of the linearized model",
+                      description="Config overrides: --config.tradeoff.rhos=(0,0.5,1) and so on.")
+  to.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
+  to.add_argument("--out", required=True, help="folder for tradeoff.json, .csv and .png")
+  to.add_argument("--no_progress", action="store_true", help="no progress bar")
+  b = sub.add_parser("bench", help="the PC benchmark; writes its JSON")
+  b.add_argument("--json", required=True, help="where to write the results")
+  b.add_argument("--seeds", type=int, default=5)
+  b.add_argument("--quick", action="store_true", help="a fast smoke version")
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return lqf_cli.dispatch(parser(), COMMANDS, argv)
