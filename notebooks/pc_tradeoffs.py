@@ -53,7 +53,7 @@ if not os.path.exists("configs"):  # Opened from notebooks/: work from the repos
 # %%
 def backbone(workdir, overrides):
   pre = config_lib.load("configs/digits_pretrain.py", list(overrides) + (
-      ["train.steps=40", "train.checkpoint_every=40", "model.width=4"] if QUICK else []))
+      ["train.steps=15", "train.checkpoint_every=15", "model.width=4"] if QUICK else []))
   try:
     train.load_pretrained(workdir)
   except UserError:
@@ -66,8 +66,9 @@ new_dir = backbone(base.pretrained_workdir + suffix, [])
 old_dir = backbone(base.old.pretrained_workdir + suffix, list(base.old.pretrain_overrides))
 overrides = [f"pretrained_workdir={new_dir}", f"old.pretrained_workdir={old_dir}"]
 if QUICK:
-  overrides += ["train.steps=30", "old.finetune.steps=30", "tradeoff.rhos=(0.0,0.3,0.7,1.0)",
-                "data.image_size=8"]
+  # Tiny models that barely learn: the old logits are used as they are (target=logits).
+  overrides += ["train.steps=15", "old.finetune.steps=15", "tradeoff.rhos=(0.0,0.5,1.0)",
+                "data.image_size=8", "pc_lqf.target=logits"]
 cfg = config_lib.load("configs/digits_pc.py", overrides)
 data, evaluation = job.load_data(cfg)
 old = job.predictor(job.old_model(cfg, data.num_classes))

@@ -108,10 +108,23 @@ def ensemble(predicts: list[Predict]) -> Predict:
 
 # --- The old model. --------------------------------------------------------------------------
 
+_OLD_MODELS: dict[str, train.Classifier] = {}
+
+
 def train_old(cfg: Mapping[str, Any]) -> train.Classifier:
   """The config's old model, trained in memory: the `old.pretrained_workdir` backbone
   fine-tuned (nonlinear) on `old.shots` examples a class (seeds offset by 1000 from the
-  new model's)."""
+  new model's). Training is deterministic, so it is done once per process and setting."""
+  d, o = cfg["data"], cfg["old"]
+  key = json.dumps([config_lib.to_dict(d) if hasattr(d, "to_json") else d,
+                    config_lib.to_dict(o) if hasattr(o, "to_json") else o,
+                    cfg["seed"]], sort_keys=True, default=str)
+  if key not in _OLD_MODELS:
+    _OLD_MODELS[key] = _fit_old(cfg)
+  return _OLD_MODELS[key]
+
+
+def _fit_old(cfg: Mapping[str, Any]) -> train.Classifier:
   d, o = cfg["data"], cfg["old"]
   data = pipeline.load_split(d, d["train_split"], corrupted=d["corrupt_train"],
                              shots=o["shots"], subset_seed=cfg["seed"])
