@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) -m lqf bench cost --json results/lqf_cost.json
 	$(PY) -m lqf bench solve --json results/lqf_solve.json
 	$(PY) -m pc bench --json results/pc.json
+	$(PY) -m bct bench --json results/bct.json
 
 clean:
 	rm -rf $(VENV) runs

@@ -50,6 +50,17 @@ def meta(command: str, seeds: Sequence[int]) -> dict[str, Any]:
           "versions": versions, "python": sys.version.split()[0]}
 
 
+def pretrained_run(workdir: str, config_path: str, overrides: Sequence[str] = ()) -> str:
+  """`workdir`, after pretraining `config_path` (with `overrides`) into it if it does not
+  hold a finished pretraining run yet."""
+  try:
+    train.load_pretrained(workdir)
+  except UserError:
+    print(f"pretraining into {workdir} ...", file=sys.stderr)
+    train.pretrain(config_lib.load(config_path, list(overrides)), workdir, progress=False)
+  return workdir
+
+
 def ensure_pretrained(cfg: Mapping[str, Any], quick: bool, *, workdir_key: str = "pretrain_workdir",
                       overrides: Sequence[str] = ()) -> train.Classifier:
   """The finished pretraining run of `cfg[workdir_key]`, trained first if needed."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -52,7 +53,6 @@ def claim_workdir(workdir: str, cfg: dict[str, Any], *, command: str,
   record = {"command": command, "config": cfg}
   path = os.path.join(workdir, CONFIG_FILE)
   if os.path.exists(path):
-    import json  # pylint: disable=g-import-not-at-top
     with open(path) as f:
       old = json.load(f)
     require(old.get("command") == command,
@@ -70,3 +70,13 @@ def claim_workdir(workdir: str, cfg: dict[str, Any], *, command: str,
   except OSError as e:
     raise UserError(f"workdir {workdir!r} cannot be written ({e.strerror}): choose a "
                     "writable --workdir") from None
+
+
+def read_run(workdir: str, hint: str = "") -> tuple[str | None, dict[str, Any]]:
+  """(command, config) of the run recorded in `workdir`; `hint` says how to make one."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  require(os.path.exists(path), f"no run in {workdir!r} (no {CONFIG_FILE})"
+          + (f": {hint}" if hint else ""))
+  with open(path) as f:
+    record = json.load(f)
+  return record.get("command"), record["config"]

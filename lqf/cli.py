@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from lqf.errors import UserError
 
@@ -106,6 +108,32 @@ def parser() -> argparse.ArgumentParser:
   b.add_argument("--shots", default="", help="accuracy, solve: comma-separated shots a class, "
                  "0 = the whole target set (default 5,10,0)")
   return p
+
+
+Command = Callable[[argparse.Namespace, list[str]], None]
+
+
+def add_bench_parser(sub: Any, help_text: str) -> argparse.ArgumentParser:
+  """The `bench` subcommand of a method's CLI: --json, --seeds, --quick."""
+  b = sub.add_parser("bench", help=help_text)
+  b.add_argument("--json", required=True, help="where to write the results")
+  b.add_argument("--seeds", type=int, default=5)
+  b.add_argument("--quick", action="store_true", help="a fast smoke version")
+  return b
+
+
+def bench_command(module: str) -> Command:
+  """A `bench` command that runs `module.run(json_path, seeds, quick)` and prints
+  `module.format_table` of its document; the module is imported only when it runs."""
+
+  def command(args: argparse.Namespace, overrides: list[str]) -> None:
+    if overrides:
+      raise UserError(f"bench takes no config overrides, got {' '.join(overrides)}")
+    bench = importlib.import_module(module)
+    doc = bench.run(json_path=args.json, seeds=args.seeds, quick=args.quick)
+    print(bench.format_table(doc))
+
+  return command
 
 
 def dispatch(p: argparse.ArgumentParser,

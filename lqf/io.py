@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 
@@ -23,6 +26,24 @@ def atomic_write_text(path: str, text: str) -> None:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def csv_text(rows: Iterable[Mapping[str, Any]], fields: Sequence[str]) -> str:
+  """`rows` as CSV with the header `fields` (other keys of a row are left out)."""
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+  w.writeheader()
+  w.writerows(rows)
+  return buf.getvalue()
+
+
+def atomic_savefig(fig: Any, path: str, dpi: int = 120) -> None:
+  """Saves a matplotlib figure as PNG under a temporary name, renames it, closes it."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-" + os.path.basename(path))
+  fig.savefig(tmp, dpi=dpi, format="png")
+  plt.close(fig)
+  os.replace(tmp, path)
 
 
 def atomic_write_json(path: str, obj: Any) -> None:

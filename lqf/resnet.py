@@ -30,6 +30,7 @@ ApplyFn = Callable[[Params, BatchStats, jax.Array], jax.Array]
 ApplyTrainFn = Callable[[Params, BatchStats, jax.Array], tuple[jax.Array, BatchStats]]
 
 ARCHS = ("cifar", "imagenet")
+HEADS = ("linear", "cosine")
 ACTIVATIONS = ("relu", "leaky_relu")
 CIFAR_BLOCKS = {20: 3, 32: 5, 56: 9}  # Blocks per stage: depth = 6n + 2.
 IMAGENET_LAYOUTS = {  # depth -> (block kind, blocks per stage), as in torchvision.
@@ -149,6 +150,35 @@ def _check_config(arch: str, depth: int, num_classes: int, width: int, activatio
     raise ValueError(f"leaky_slope must be in [0, 1), got {leaky_slope!r}")
 
 
+class CosineHead(nnx.Module):
+  """A normalised classifier: logits = s · cos(φ, w_c) + b_c, with the columns w_c of
+  `kernel` [D, C]. Features of a class gather around its weight's direction, which is
+  what makes embeddings of two models trained against one head comparable."""
+
+  def __init__(self, din: int, dout: int, *, scale: float, rngs: nnx.Rngs) -> None:
+    self.scale = float(scale)
+    self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (din, dout)))
+    self.bias = nnx.Param(jnp.zeros((dout,)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return cosine_logits(x, self.kernel[...], self.bias[...], self.scale)
+
+
+def cosine_logits(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: float
+                  ) -> jax.Array:
+  """s · (x/‖x‖) @ (kernel/‖kernel‖_columns) + bias: [N, D] -> [N, C]."""
+  xn = x / jnp.sqrt(jnp.sum(jnp.square(x), -1, keepdims=True) + 1e-12)
+  kn = kernel / jnp.sqrt(jnp.sum(jnp.square(kernel), 0, keepdims=True) + 1e-12)
+  return scale * (xn @ kn) + bias
+
+
+def _make_head(din: int, dout: int, head: str, scale: float, *, rngs: nnx.Rngs
+               ) -> nnx.Module:
+  if head == "cosine":
+    return CosineHead(din, dout, scale=scale, rngs=rngs)
+  return nnx.Linear(din, dout, rngs=rngs)
+
+
 class ResNet(nnx.Module):
   """A CIFAR- or ImageNet-style ResNet; NHWC images in, logits out.
 
@@ -157,7 +187,8 @@ class ResNet(nnx.Module):
     stages: `nnx.List` of stages, each an `nnx.List` of blocks; the first block of a
       stage downsamples (except stage 0) and carries `shortcut_conv/shortcut_bn` when
       its input and output shapes differ.
-    head: `nnx.Linear(feature_dim, num_classes)`.
+    head: `nnx.Linear(feature_dim, num_classes)`, or a `CosineHead` (`head="cosine"`,
+      logits scaled by `head_scale`); both hold params {"kernel": [D, C], "bias": [C]}.
     feature_dim: width of the pooled embedding: 4w (cifar), 8w (imagenet basic),
       32w (imagenet bottleneck).
 
@@ -167,8 +198,15 @@ class ResNet(nnx.Module):
 
   def __init__(self, *, arch: str, depth: int, num_classes: int, width: int,
                activation: str = "leaky_relu", leaky_slope: float = 0.1,
-               in_channels: int = 3, rngs: nnx.Rngs) -> None:
+               in_channels: int = 3, head: str = "linear", head_scale: float = 16.0,
+               rngs: nnx.Rngs) -> None:
     _check_config(arch, depth, num_classes, width, activation, leaky_slope, in_channels)
+    if head not in HEADS:
+      raise ValueError(f"unknown head {head!r}: use one of {', '.join(HEADS)}")
+    if not head_scale > 0:
+      raise ValueError(f"head_scale must be positive, got {head_scale!r}")
+    self.head_kind = head
+    self.head_scale = float(head_scale)
     self.arch = arch
     self.depth = depth
     self.activation = activation
@@ -200,7 +238,7 @@ class ResNet(nnx.Module):
       stages.append(nnx.List(stage))
     self.stages = nnx.List(stages)
     self.feature_dim: int = cin
-    self.head = nnx.Linear(cin, num_classes, rngs=rngs)
+    self.head = _make_head(cin, num_classes, head, head_scale, rngs=rngs)
 
   def features(self, x: jax.Array) -> jax.Array:
     """(N, H, W, in_channels) -> globally average-pooled embedding (N, feature_dim)."""
@@ -219,15 +257,17 @@ class ResNet(nnx.Module):
 
 def build_resnet(cfg: Mapping[str, Any], *, rngs: nnx.Rngs) -> ResNet:
   """Builds a `ResNet` from a config with keys arch, depth, width, num_classes,
-  activation, leaky_slope, in_channels (e.g. an ml_collections.ConfigDict)."""
+  activation, leaky_slope, in_channels and optionally head, head_scale (e.g. an
+  ml_collections.ConfigDict)."""
   return ResNet(arch=cfg["arch"], depth=cfg["depth"], width=cfg["width"],
                 num_classes=cfg["num_classes"], activation=cfg["activation"],
                 leaky_slope=cfg["leaky_slope"], in_channels=cfg["in_channels"],
+                head=cfg.get("head", "linear"), head_scale=cfg.get("head_scale", 16.0),
                 rngs=rngs)
 
 
 def replace_head(model: ResNet, num_classes: int, *, rngs: nnx.Rngs) -> ResNet:
-  """Gives `model` a fresh `nnx.Linear(feature_dim, num_classes)` head, in place.
+  """Gives `model` a fresh head of its kind for `num_classes`, in place.
 
   The head keeps nnx's default (lecun normal) initialisation on purpose: with a zero
   head the logits' Jacobian with respect to every backbone parameter is zero, which
@@ -235,7 +275,8 @@ def replace_head(model: ResNet, num_classes: int, *, rngs: nnx.Rngs) -> ResNet:
   """
   if not isinstance(num_classes, (int, np.integer)) or num_classes <= 0:
     raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-  model.head = nnx.Linear(model.feature_dim, int(num_classes), rngs=rngs)
+  model.head = _make_head(model.feature_dim, int(num_classes), model.head_kind,
+                         model.head_scale, rngs=rngs)
   return model
 
 
@@ -266,42 +307,55 @@ def _pure_view(model: ResNet, *, use_running_average: bool
   return rebuild, nnx.to_pure_dict(params_state), nnx.to_pure_dict(stats_state)
 
 
-def split_apply(model: ResNet, output: Literal["logits", "features"] = "logits"
+def split_apply(model: ResNet, output: Literal["logits", "features", "both"] = "logits"
                 ) -> tuple[ApplyFn, Params, BatchStats]:
   """Returns `(apply, params, batch_stats)` with BN frozen to running statistics.
 
-  `apply(params, batch_stats, x)` maps (N, H, W, C) to logits (N, num_classes), or to
-  features (N, feature_dim) with `output="features"`. It is pure (it neither mutates
+  `apply(params, batch_stats, x)` maps (N, H, W, C) to logits (N, num_classes), to
+  features (N, feature_dim) with `output="features"`, or to the pair (logits, features)
+  from one forward pass with `output="both"`. It is pure (it neither mutates
   `model` nor updates statistics, whatever mode `model` is in), so it can be passed to
   `jax.jit`, `jax.jvp` and `jax.grad`. `params` and `batch_stats` are plain nested dicts
   (`nnx.to_pure_dict` of the states; list indices are int keys, "0"-style keys also work).
   """
-  if output not in ("logits", "features"):
-    raise ValueError(f"unknown output {output!r}: use 'logits' or 'features'")
+  _check_output(output, ("logits", "features", "both"))
   rebuild, params, batch_stats = _pure_view(model, use_running_average=True)
 
-  def apply(params: Params, batch_stats: BatchStats, x: jax.Array) -> jax.Array:
+  def apply(params: Params, batch_stats: BatchStats, x: jax.Array) -> Any:
     net = rebuild(params, batch_stats)
-    return net(x) if output == "logits" else net.features(x)
+    if output == "logits":
+      return net(x)
+    feats = net.features(x)
+    return feats if output == "features" else (net.head(feats), feats)
 
   return apply, params, batch_stats
 
 
-def split_train_apply(model: ResNet) -> tuple[ApplyTrainFn, Params, BatchStats]:
+def _check_output(output: str, allowed: tuple[str, ...]) -> None:
+  if output not in allowed:
+    raise ValueError(f"unknown output {output!r}: use one of {', '.join(allowed)}")
+
+
+def split_train_apply(model: ResNet, output: Literal["logits", "both"] = "logits"
+                      ) -> tuple[ApplyTrainFn, Params, BatchStats]:
   """Returns `(train_apply, params, batch_stats)` with BN in training mode.
 
-  `train_apply(params, batch_stats, x) -> (logits, new_batch_stats)` normalises with
+  `train_apply(params, batch_stats, x) -> (logits, new_batch_stats)` (with
+  `output="both"`, `((logits, features), new_batch_stats)`) normalises with
   the batch's statistics and returns the running statistics after one momentum update
   (`new = 0.9 * old + 0.1 * batch`, biased batch variance as in flax). It is pure, for a
   functional optax loop; `model` is left untouched.
   """
+  _check_output(output, ("logits", "both"))
   rebuild, params, batch_stats = _pure_view(model, use_running_average=False)
 
   def train_apply(params: Params, batch_stats: BatchStats, x: jax.Array
-                  ) -> tuple[jax.Array, BatchStats]:
+                  ) -> tuple[Any, BatchStats]:
     net = rebuild(params, batch_stats)
-    logits = net(x)
-    return logits, nnx.to_pure_dict(nnx.state(net, nnx.BatchStat))
+    feats = net.features(x)
+    logits = net.head(feats)
+    out = logits if output == "logits" else (logits, feats)
+    return out, nnx.to_pure_dict(nnx.state(net, nnx.BatchStat))
 
   return train_apply, params, batch_stats
 
@@ -309,19 +363,27 @@ def split_train_apply(model: ResNet) -> tuple[ApplyTrainFn, Params, BatchStats]:
 SPLIT_POINTS = ("input", "last_stage", "head")
 
 
-def split_at(model: ResNet, point: str
+def split_at(model: ResNet, point: str, output: Literal["logits", "joint"] = "logits"
              ) -> tuple[Callable[[Params, BatchStats, jax.Array], jax.Array], ApplyFn]:
   """Cuts the network (batch norm on running statistics) into `prefix` and `suffix`.
 
   `suffix(params, batch_stats, prefix(params, batch_stats, x))` equals
-  `split_apply(model)[0](params, batch_stats, x)`. `point` is where the suffix starts:
+  `split_apply(model)[0](params, batch_stats, x)`; with `output="joint"` the suffix
+  returns one array [N, num_classes + feature_dim], the logits then the embedding (one
+  array, so that a linearization of it is one Jacobian). `point` is where the suffix starts:
   "input" (the suffix is the whole network, the prefix the identity), "last_stage" (the
   last stage, pooling and head) or "head" (the head on pooled features). Linearizing
   only the suffix lets its frozen input be computed once per image and reused.
   """
   if point not in SPLIT_POINTS:
     raise ValueError(f"unknown split point {point!r}: use one of {', '.join(SPLIT_POINTS)}")
+  _check_output(output, ("logits", "joint"))
   rebuild, _, _ = _pure_view(model, use_running_average=True)
+
+  def head(net: ResNet, feats: jax.Array) -> jax.Array:
+    logits = net.head(feats)
+    return logits if output == "logits" else jnp.concatenate([logits, feats], axis=-1)
+
   n_stages = len(model.stages)
   first = {"input": 0, "last_stage": n_stages - 1, "head": n_stages}[point]
 
@@ -340,13 +402,13 @@ def split_at(model: ResNet, point: str
   def suffix(params: Params, batch_stats: BatchStats, h: jax.Array) -> jax.Array:
     net = rebuild(params, batch_stats)
     if point == "input":
-      return net(h)
+      return head(net, net.features(h))
     if point == "head":
-      return net.head(h)
+      return head(net, h)
     y = h
     for stage in list(net.stages)[first:]:
       for block in stage:
         y = block(y)
-    return net.head(jnp.mean(y, axis=(1, 2)))
+    return head(net, jnp.mean(y, axis=(1, 2)))
 
   return prefix, suffix

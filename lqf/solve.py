@@ -309,6 +309,22 @@ def jacobian(outputs: Outputs, like: PyTree, state: LinState, inputs: jax.Array,
   return np.concatenate(jacs), np.concatenate(outs)
 
 
+def gram(rows: np.ndarray, block: int = 512) -> np.ndarray:
+  """rows @ rowsᵀ accumulated in float64, one pair of row blocks at a time: [R, P] ->
+  [R, R]. A float32 product's rounding (relative 1e-7 of the largest entries) can exceed
+  a small ridge and make K + λI indefinite; converting two blocks at a time keeps the
+  extra memory at 2·block·P doubles."""
+  n = len(rows)
+  out = np.empty((n, n), np.float64)
+  for i in range(0, n, block):
+    a = np.asarray(rows[i:i + block], np.float64)
+    for j in range(0, i + 1, block):
+      b = a if j == i else np.asarray(rows[j:j + block], np.float64)
+      out[i:i + block, j:j + block] = a @ b.T
+      out[j:j + block, i:i + block] = out[i:i + block, j:j + block].T
+  return out
+
+
 def kernel_solve(problem: Problem, *, max_bytes: float = 4e9) -> Solution:
   """δ* = Φᵀ(ΦΦᵀ + λI)⁻¹ r (module docstring), the kernel built in batches.
 

@@ -65,13 +65,17 @@ class Classifier:
   train_apply(params, batch_stats, x) -> (logits, new_batch_stats) with batch norm on
   batch statistics; apply(params, batch_stats, x) -> logits [N, C] and
   features(params, batch_stats, x) -> embedding [N, D], with running statistics.
+  `train_apply_both` and `apply_both` give (logits, embedding) from one forward pass.
+  `split_at(point, output="logits")` is `resnet.split_at` of the model.
   """
   apply: Callable[..., jax.Array]
   train_apply: Callable[..., tuple[jax.Array, PyTree]]
   features: Callable[..., jax.Array]
-  split_at: Callable[[str], tuple[Callable[..., jax.Array], Callable[..., jax.Array]]]
+  split_at: Callable[..., tuple[Callable[..., jax.Array], Callable[..., jax.Array]]]
   params: PyTree
   batch_stats: PyTree
+  apply_both: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+  train_apply_both: Callable[..., tuple[tuple[jax.Array, jax.Array], PyTree]] | None = None
 
 
 def build_classifier(model_cfg: Mapping[str, Any], num_classes: int, in_channels: int,
@@ -81,11 +85,14 @@ def build_classifier(model_cfg: Mapping[str, Any], num_classes: int, in_channels
   apply, params, batch_stats = resnet.split_apply(model)
   train_apply, _, _ = resnet.split_train_apply(model)
   features, _, _ = resnet.split_apply(model, output="features")
+  apply_both, _, _ = resnet.split_apply(model, output="both")
+  train_apply_both, _, _ = resnet.split_train_apply(model, output="both")
   return Classifier(apply, train_apply, features, functools.partial(resnet.split_at, model),
-                    params, batch_stats)
+                    params, batch_stats, apply_both, train_apply_both)
 
 
-# (logits [B, C], labels int [B], extras of the batch) -> the scalar training loss.
+# (logits [B, C] or, for `with_features`, the pair (logits, embedding [B, D]),
+#  labels int [B], extras of the batch) -> the scalar training loss.
 LossFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
 
@@ -96,21 +103,28 @@ def _plain_cross_entropy(logits: jax.Array, labels: jax.Array, extras: Any) -> j
 
 def make_train_step(clf: Classifier, optimizer: optax.GradientTransformation,
                     trainable: PyTree | None = None, train_bn: bool = True,
-                    loss: LossFn = _plain_cross_entropy) -> Callable:
+                    loss: LossFn = _plain_cross_entropy, with_features: bool = False
+                    ) -> Callable:
   """A jitted `state, images, labels, extras -> state, metrics` step.
 
   `trainable`, a pytree of bools shaped like the params, freezes the False leaves
   (their updates are zeroed). `train_bn=False` keeps batch norm on its running
   statistics and never updates them. `loss` defaults to cross-entropy; `extras` is
   whatever else it reads per example (the PC losses: the old model's logits).
+  `with_features` hands `loss` the pair (logits, embedding) instead of the logits.
   """
+  if with_features and (clf.apply_both is None or clf.train_apply_both is None):
+    raise ValueError("with_features needs a Classifier with apply_both/train_apply_both")
+  train_apply = clf.train_apply_both if with_features else clf.train_apply
+  apply = clf.apply_both if with_features else clf.apply
 
   def loss_fn(params, batch_stats, images, labels, extras):
     if train_bn:
-      logits, new_stats = clf.train_apply(params, batch_stats, images)
+      outputs, new_stats = train_apply(params, batch_stats, images)
     else:
-      logits, new_stats = clf.apply(params, batch_stats, images), batch_stats
-    value = loss(logits, labels, extras)
+      outputs, new_stats = apply(params, batch_stats, images), batch_stats
+    value = loss(outputs, labels, extras)
+    logits = outputs[0] if with_features else outputs
     return value, (new_stats, (logits.argmax(-1) == labels).mean())
 
   @jax.jit
@@ -160,18 +174,19 @@ def fit(clf: Classifier, train: pipeline.ImageSplit, t: Mapping[str, Any], *,
         stop_at_step: int | None = None, progress: bool = True,
         loss: LossFn = _plain_cross_entropy,
         extras: Callable[[np.ndarray, np.ndarray], Any] | None = None,
-        log_name: str = "train") -> tuple[PyTree, PyTree]:
+        log_name: str = "train", with_features: bool = False) -> tuple[PyTree, PyTree]:
   """Trains `clf` on `train` for `t.steps` steps; returns `(params, batch_stats)`.
 
   With a `workdir`, checkpoints every `t.checkpoint_every` steps and at the end, resumes
   from the latest checkpoint, and appends metrics to `workdir/metrics.jsonl`.
   `stop_at_step` ends the run early, as a preemption would (for tests). `loss` replaces
   cross-entropy; `extras(indices, images)` gives it per-batch data (the rows of `train`
-  in the batch, and the batch's images after augmentation).
+  in the batch, and the batch's images after augmentation); with `with_features` it
+  reads the pair (logits, embedding).
   """
   batch_size = min(int(t["batch_size"]), len(train))
   optimizer, schedule = make_optimizer(t), make_schedule(t)
-  step_fn = make_train_step(clf, optimizer, trainable, train_bn, loss)
+  step_fn = make_train_step(clf, optimizer, trainable, train_bn, loss, with_features)
   state = {"params": clf.params, "batch_stats": clf.batch_stats,
            "opt_state": optimizer.init(clf.params), "step": jnp.zeros((), jnp.int32)}
   total = int(t["steps"])
@@ -281,3 +296,18 @@ def load_pretrained(workdir: str) -> tuple[dict[str, Any], Classifier]:
                     "again to resume it")
   clf.params, clf.batch_stats = restored[0]["params"], restored[0]["batch_stats"]
   return cfg, clf
+
+
+def restore_final(clf: Classifier, t: Mapping[str, Any], workdir: str) -> Classifier:
+  """`clf` with the weights of the finished run in `workdir` (trained with the `t`
+  block's optimiser for `t.steps` steps)."""
+  like = {"params": clf.params, "batch_stats": clf.batch_stats,
+          "opt_state": make_optimizer(t).init(clf.params), "step": jnp.zeros((), jnp.int32)}
+  mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
+  restored = checkpoint.restore_latest(mgr, like)
+  mgr.close()
+  if restored is None or restored[1] < t["steps"]:
+    raise UserError(f"the run in {workdir!r} has not finished (latest checkpoint: "
+                    f"{restored and restored[1]}); run its command again to resume it")
+  return dataclasses.replace(clf, params=restored[0]["params"],
+                             batch_stats=restored[0]["batch_stats"])

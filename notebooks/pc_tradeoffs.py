@@ -34,9 +34,8 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
+from lqf import bench as lqf_bench
 from lqf import config as config_lib
-from lqf import train
-from lqf.errors import UserError
 from pc import job, job_tradeoff, metrics, tradeoff
 
 QUICK = os.environ.get("GRACEFUL_NOTEBOOK_QUICK", "1") == "1"
@@ -52,13 +51,9 @@ if not os.path.exists("configs"):  # Opened from notebooks/: work from the repos
 
 # %%
 def backbone(workdir, overrides):
-  pre = config_lib.load("configs/digits_pretrain.py", list(overrides) + (
-      ["train.steps=15", "train.checkpoint_every=15", "model.width=4"] if QUICK else []))
-  try:
-    train.load_pretrained(workdir)
-  except UserError:
-    train.pretrain(pre, workdir, progress=False)
-  return workdir
+  quick = ["train.steps=15", "train.checkpoint_every=15", "model.width=4"] if QUICK else []
+  return lqf_bench.pretrained_run(workdir, "configs/digits_pretrain.py",
+                                  list(overrides) + quick)
 
 base = config_lib.load("configs/digits_pc.py")
 suffix = "_notebook_quick" if QUICK else ""

@@ -7,7 +7,6 @@ import argparse
 from collections.abc import Callable, Sequence
 
 from lqf import cli as lqf_cli
-from lqf.errors import UserError
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -31,16 +30,8 @@ def _tradeoff(args: argparse.Namespace, overrides: list[str]) -> None:
   print(f"written: {args.out}/tradeoff.json, tradeoff.csv, tradeoff.png")
 
 
-def _bench(args: argparse.Namespace, overrides: list[str]) -> None:
-  from pc import bench  # pylint: disable=g-import-not-at-top
-  if overrides:
-    raise UserError(f"bench takes no config overrides, got {' '.join(overrides)}")
-  doc = bench.run(json_path=args.json, seeds=args.seeds, quick=args.quick)
-  print(bench.format_table(doc))
-
-
 COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
-    "train": _train, "tradeoff": _tradeoff, "bench": _bench}
+    "train": _train, "tradeoff": _tradeoff, "bench": lqf_cli.bench_command("pc.bench")}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,10 +47,7 @@ def parser() -> argparse.ArgumentParser:
   to.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
   to.add_argument("--out", required=True, help="folder for tradeoff.json, .csv and .png")
   to.add_argument("--no_progress", action="store_true", help="no progress bar")
-  b = sub.add_parser("bench", help="the PC benchmark; writes its JSON")
-  b.add_argument("--json", required=True, help="where to write the results")
-  b.add_argument("--seeds", type=int, default=5)
-  b.add_argument("--quick", action="store_true", help="a fast smoke version")
+  lqf_cli.add_bench_parser(sub, "the PC benchmark; writes its JSON")
   return p
 
 

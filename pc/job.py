@@ -145,14 +145,10 @@ def _fit_old(cfg: Mapping[str, Any]) -> train.Classifier:
   return finetune.finetune(clf, data, t, seed=seed, train_bn=t["train_bn"])
 
 
-def read_run(workdir: str) -> tuple[str, dict[str, Any]]:
+def read_run(workdir: str) -> tuple[str | None, dict[str, Any]]:
   """(command, config) of the run recorded in `workdir`."""
-  path = os.path.join(workdir, checkpoint.CONFIG_FILE)
-  require(os.path.exists(path), f"no run in {workdir!r} (no {checkpoint.CONFIG_FILE}): "
-          "train the old model first (python -m lqf finetune --config.method=nonlinear ...)")
-  with open(path) as f:
-    record = json.load(f)
-  return record.get("command"), record["config"]
+  return checkpoint.read_run(workdir, "train the old model first (python -m lqf finetune "
+                             "--config.method=nonlinear ...)")
 
 
 def load_run(workdir: str) -> tuple[dict[str, Any], train.Classifier]:
@@ -174,22 +170,7 @@ def load_run(workdir: str) -> tuple[dict[str, Any], train.Classifier]:
   _, num_classes = pipeline.open_source(cfg["data"]["name"], cfg["data"]["eval_split"],
                                         cfg["data"]["data_dir"])
   clf = new_classifier(dict(cfg, init=cfg.get("init", "finetune")), num_classes, cfg["seed"])
-  return cfg, _restore_final(clf, t, os.path.join(workdir, "checkpoints"), workdir)
-
-
-def _restore_final(clf: train.Classifier, t: Mapping[str, Any], directory: str,
-                   workdir: str) -> train.Classifier:
-  like = {"params": clf.params, "batch_stats": clf.batch_stats,
-          "opt_state": train.make_optimizer(t).init(clf.params),
-          "step": jnp.zeros((), jnp.int32)}
-  mgr = checkpoint.manager(directory)
-  restored = checkpoint.restore_latest(mgr, like)
-  mgr.close()
-  require(restored is not None and restored[1] >= t["steps"],
-          f"the run in {workdir!r} has not finished (latest checkpoint: "
-          f"{restored and restored[1]}); run its command again to resume it")
-  return dataclasses.replace(clf, params=restored[0]["params"],
-                             batch_stats=restored[0]["batch_stats"])
+  return cfg, train.restore_final(clf, t, workdir)
 
 
 def old_model(cfg: Mapping[str, Any], num_classes: int) -> train.Classifier:

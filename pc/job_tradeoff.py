@@ -10,8 +10,6 @@ trained with those PC losses) are trained for comparison. Writes `DIR/tradeoff.j
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -25,7 +23,7 @@ from lqf import config as config_lib
 from lqf import linearize
 from lqf.data import pipeline
 from lqf.errors import require
-from lqf.io import atomic_write_json, atomic_write_text
+from lqf.io import atomic_savefig, atomic_write_json, atomic_write_text, csv_text
 from pc import job, lqf_term, metrics, tradeoff
 
 CSV_FIELDS = ("rho", "ER_new", "NFR", "PFR", "rel_NFR", "NFI", "ER_old", "objective",
@@ -84,12 +82,7 @@ def references(cfg: Mapping[str, Any], data, evaluation, old: job.Predict,
 
 
 def to_csv(points: Sequence[Mapping[str, float]]) -> str:
-  buf = io.StringIO()
-  w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-  w.writeheader()
-  for p in points:
-    w.writerow({k: f"{p[k]:.6g}" for k in CSV_FIELDS})
-  return buf.getvalue()
+  return csv_text(({k: f"{p[k]:.6g}" for k in CSV_FIELDS} for p in points), CSV_FIELDS)
 
 
 def plot(points: Sequence[Mapping[str, float]], refs: Mapping[str, Mapping[str, float]],
@@ -115,10 +108,7 @@ def plot(points: Sequence[Mapping[str, float]], refs: Mapping[str, Mapping[str, 
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-" + os.path.basename(path))
-  fig.savefig(tmp, dpi=120, format="png")
-  plt.close(fig)
-  os.replace(tmp, path)
+  atomic_savefig(fig, path)
 
 
 def run(cfg: Mapping[str, Any], out: str, *, progress: bool = True) -> dict[str, Any]:

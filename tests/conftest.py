@@ -2,13 +2,24 @@
 
 Eight fake CPU devices (set before jax is imported) so sharded code can be tested on one
 machine, and a private TFDS data directory so tests never read or write the user's.
+A private persistent compilation cache lets the many trainings of one tiny model reuse
+their compiled steps (a second training's compile drops from about 10 s to 3 s); the
+environment variables carry it to the CLI subprocesses and notebook kernels too.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+_CACHE = tempfile.mkdtemp(prefix="graceful-jax-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import pytest  # noqa: E402
 

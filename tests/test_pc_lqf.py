@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import dense
 from jax.flatten_util import ravel_pytree
 
 from lqf import linearize, optim, solve, train
@@ -20,9 +21,7 @@ def _mlp(w, h):
   return jnp.tanh(h @ w["l1"]["kernel"] + w["l1"]["bias"]) @ w["l2"]["kernel"] + w["l2"]["bias"]
 
 
-def _outputs(delta, state, h):
-  y0, jd = jax.jvp(lambda w: _mlp(w, h), (state["w0"],), (delta,))
-  return y0 + jd
+_outputs = dense.linearized(_mlp)
 
 
 @pytest.fixture
@@ -47,23 +46,6 @@ def tiny():
 def _problem(t, rho, lam=LAM):
   return lqf_term.pc_problem(_outputs, t["state"], t["like"], t["h"], t["labels"], C,
                              t["targets"], t["weights"], k=K, lam=lam, rho=rho, batch_size=5)
-
-
-def _dense_optimum(problem):
-  """δ* from the explicit normal equations: Jacobians by `jax.jacfwd`, one solve."""
-  flat, unravel = ravel_pytree(problem.like)
-  a, b = problem.lam * np.eye(flat.size), np.zeros(flat.size)
-  for term in problem.terms:
-    f = lambda v, term=term: term.outputs(unravel(v), problem.state, term.inputs)
-    jac, g0 = np.asarray(jax.jacfwd(f)(flat)), np.asarray(f(flat))
-    s = term.weight / len(term.sample_weights) * np.asarray(term.sample_weights)
-    a += np.einsum("n,ncp,ncq->pq", s, jac, jac)
-    b += np.einsum("n,ncp,nc->p", s, jac, np.asarray(term.targets) - g0)
-  return np.linalg.solve(a, b)
-
-
-def _flat(tree):
-  return np.asarray(ravel_pytree(tree)[0])
 
 
 def test_pc_weights_are_alpha_plus_beta_where_old_is_right(tiny):
@@ -119,10 +101,7 @@ def test_pc_objective_is_quadratic_with_a_constant_psd_hessian(tiny):
 def test_exact_solvers_match_a_dense_solve(tiny, rho):
   with jax.enable_x64(True):
     problem = _problem(tiny, rho)
-    dense = _dense_optimum(problem)
-    for method, kw in (("kernel", {}), ("cg", {"tol": 1e-12, "max_iters": 500})):
-      sol = solve.solve(problem, method, **kw)
-      np.testing.assert_allclose(_flat(sol.delta), dense, rtol=1e-8, atol=1e-10)
+    dense.assert_solvers_match_dense(problem)
 
 
 @pytest.mark.parametrize("rho", [0.0, 0.25, 0.7, 1.0])
@@ -134,7 +113,8 @@ def test_path_solution_is_the_exact_optimum(tiny, rho):
                                lam=LAM, batch_size=5)
     delta, value = path.solve(rho)
     # The path keeps the Jacobian in float32, so agreement is to float32 precision.
-    np.testing.assert_allclose(_flat(delta), _dense_optimum(problem), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dense.flat(delta), dense.dense_optimum(problem), rtol=1e-4,
+                               atol=1e-5)
     assert value == pytest.approx(solve.objective(problem, delta), rel=1e-4)
 
 
@@ -145,11 +125,11 @@ def test_path_end_points_are_plain_lqf_and_the_fully_constrained_problem(tiny):
                                lam=LAM)
     plain = solve.mse_problem(_outputs, tiny["state"], tiny["like"], tiny["h"],
                               tiny["labels"], C, k=K, lam=LAM)
-    np.testing.assert_allclose(_flat(path.solve(0.0)[0]), _dense_optimum(plain),
+    np.testing.assert_allclose(dense.flat(path.solve(0.0)[0]), dense.dense_optimum(plain),
                                rtol=1e-4, atol=1e-5)
     only_pc = solve.Problem((solve.Term(_outputs, tiny["h"], tiny["targets"],
                                         tiny["weights"]),), tiny["state"], tiny["like"], LAM)
-    np.testing.assert_allclose(_flat(path.solve(1.0)[0]), _dense_optimum(only_pc),
+    np.testing.assert_allclose(dense.flat(path.solve(1.0)[0]), dense.dense_optimum(only_pc),
                                rtol=1e-4, atol=1e-5)
 
 

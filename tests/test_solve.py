@@ -182,3 +182,13 @@ def test_kernel_solve_refuses_what_does_not_fit_and_unknown_solvers(x64):
         sample_weights=-problem.terms[0].sample_weights),))
   with pytest.raises(UserError, match="lam"):
     dataclasses.replace(problem, lam=-1.0)
+
+
+def test_gram_is_the_float64_product_in_any_blocks():
+  rng = np.random.default_rng(0)
+  rows = rng.normal(size=(37, 50)).astype(np.float32)
+  want = rows.astype(np.float64) @ rows.astype(np.float64).T
+  for block in (5, 37, 100):
+    got = solve.gram(rows, block=block)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-12)

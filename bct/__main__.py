@@ -1,0 +1,5 @@
+import sys
+
+from bct.cli import main
+
+sys.exit(main())

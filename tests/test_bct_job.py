@@ -1,0 +1,142 @@
+"""The BCT jobs end to end on a tiny pretrained model."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from cli_helpers import ROOT, assert_one_line_error, run_cli
+
+from bct import job, job_curve
+from lqf import config as config_lib
+from lqf import train
+from lqf.errors import UserError
+
+SPECS = ("new", "old", "hetero.gallery", "hetero.query", "chain.v2", "chain.v3")
+
+
+def _overrides(pretrained, *, old=None):
+  out = [f"{s}.pretrained_workdir={pretrained}" for s in SPECS]
+  if old:
+    out.append(f"old.pretrained_workdir={old}")
+  return out + [
+      "data.image_size=8", "new.shots=3", "old.shots=3", "old.finetune.steps=3",
+      "train.steps=4", "train.checkpoint_every=2", "train.log_every=1",
+      "train.eval_every=4", "bct_lqf.rhos=(0.0,0.5,1.0)", "bct_lqf.batch_size=16"]
+
+
+def _cfg(pretrained, *extra, old=None):
+  return config_lib.load(os.path.join(ROOT, "configs/digits_bct.py"),
+                         _overrides(pretrained, old=old) + list(extra))
+
+
+@pytest.fixture(scope="module")
+def narrow(tmp_path_factory):
+  """A finished tiny pretraining run of width 2 (an 8-dimensional embedding, against
+  the `pretrained` run's 16)."""
+  workdir = str(tmp_path_factory.mktemp("narrow"))
+  cfg = config_lib.load(os.path.join(ROOT, "configs/digits_pretrain.py"), [
+      "model.width=2", "data.image_size=8", "train.steps=2", "train.batch_size=32",
+      "train.checkpoint_every=2", "train.eval_every=2", "train.log_every=2"])
+  train.pretrain(cfg, workdir, progress=False)
+  return workdir
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(pretrained, narrow, tmp_path):
+  full = job.run(_cfg(pretrained, old=narrow), str(tmp_path / "full"), progress=False)
+  assert job.run(_cfg(pretrained, old=narrow), str(tmp_path / "cut"), stop_at_step=3,
+                 progress=False) == {}
+  assert not (tmp_path / "cut" / "final_metrics.json").exists()
+  assert job.run(_cfg(pretrained, old=narrow), str(tmp_path / "cut"), progress=False) == full
+  assert set(full["retrieval"]) == {"old/old", "new/old", "new/new"}
+  for row in full["retrieval"].values():
+    assert 0 <= row["top1"] <= row["top5"] <= 1 and row["queries"] + row["skipped"] == 600
+  assert json.load(open(tmp_path / "full" / "final_metrics.json")) == full
+  lines = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
+  assert [l["step"] for l in lines if l["split"] == "train"] == [1, 2, 3, 4]
+
+
+def test_eval_reads_a_finished_run_and_reports_the_update_gain(pretrained, tmp_path):
+  for method in ("bct", "independent"):
+    job.run(_cfg(pretrained, f"bct.method={method}"), str(tmp_path / method), progress=False)
+  trained = json.load(open(tmp_path / "bct" / "final_metrics.json"))
+  proc = run_cli("eval", "--workdir", str(tmp_path / "bct"), "--independent",
+                 str(tmp_path / "independent"), module="bct")
+  assert proc.returncode == 0, proc.stderr
+  assert "new/old" in proc.stdout and "independent/independent" in proc.stdout
+  result = job.evaluate_run(str(tmp_path / "bct"), str(tmp_path / "independent"))
+  assert result["retrieval"]["new/old"] == trained["retrieval"]["new/old"]
+  t = result["retrieval"]
+  for m in ("top1", "mAP"):
+    base = t["independent/independent"][m] - t["old/old"][m]
+    assert result["update_gain"][m] == (
+        pytest.approx((t["new/old"][m] - t["old/old"][m]) / base) if base > 0 else None)
+  assert "update gain (top1)" in proc.stdout
+
+
+def test_a_bct_run_is_an_old_model_for_the_next_update(pretrained, tmp_path):
+  job.run(_cfg(pretrained, "new.classes=(0,1,2,3,4,5,6,7)"), str(tmp_path / "v2"),
+          progress=False)
+  result = job.run(_cfg(pretrained, f"old.workdir={tmp_path / 'v2'}"), str(tmp_path / "v3"),
+                   progress=False)
+  _, v2 = job.load_model(str(tmp_path / "v2"))
+  assert v2.classes == tuple(range(8)) and v2.head[0].shape[1] == 8
+  assert result["retrieval"]["old/old"]["queries"] == 600
+  # The v2 model knows labels 0-7: a new model on 0-3 cannot be trained against it.
+  with pytest.raises(UserError, match="does not have"):
+    job.run(_cfg(pretrained, f"old.workdir={tmp_path / 'v2'}", "new.classes=(0,1,2,3)"),
+            str(tmp_path / "bad"), progress=False)
+  assert not (tmp_path / "bad").exists()
+
+
+def test_l2_regression_trains_against_the_old_embedding(pretrained, narrow, tmp_path):
+  result = job.run(_cfg(pretrained, "bct.method=l2", old=narrow), str(tmp_path),
+                   progress=False)
+  assert result["method"] == "l2"
+
+
+def test_curve_writes_json_csv_png(pretrained, tmp_path):
+  doc = job_curve.run(_cfg(pretrained), str(tmp_path))
+  for name in ("curve.json", "curve.csv", "curve.png"):
+    assert (tmp_path / name).stat().st_size > 0
+  rows = open(tmp_path / "curve.csv").read().splitlines()
+  assert rows[0].startswith("rho,new/new top1,new/old top1") and len(rows) == 4
+  assert [p["rho"] for p in doc["points"]] == [0.0, 0.5, 1.0]
+  objectives = [p["objective"] for p in doc["points"]]
+  assert all(np.isfinite(objectives))
+  assert "new/old top1" in job_curve.format_table(doc)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("bct.method=magic", "unknown bct.method 'magic'"),
+    ("bct.dim_rule=none", "no rule maps one onto the other"),
+    ("old.classes=(0,11)", "old.classes must be distinct labels in [0, 10)"),
+    ("train.lr=0", "train.lr must be positive"),
+    ("old.workdir=/nonexistent/run", "no run in '/nonexistent/run'"),
+])
+def test_cli_errors(pretrained, narrow, tmp_path, override, match):
+  workdir = tmp_path / "w"
+  args = ["train", "--config", "configs/digits_bct.py", "--workdir", str(workdir),
+          *[f"--config.{o}" for o in _overrides(pretrained, old=narrow)],
+          f"--config.{override}"]
+  assert_one_line_error(run_cli(*args, module="bct"), match)
+  assert not workdir.exists()
+
+
+def test_bench_reports_every_arm_and_its_goals(pretrained, tmp_path):
+  from bct import bench
+  doc = bench.run(json_path=str(tmp_path / "bct.json"), seeds=1,
+                  overrides=_overrides(pretrained) + ["train.steps=2"])
+  arms = doc["arms"]
+  assert {"old", "independent", "l2", "bct", "lqf", "lqf_bct", "hetero", "chain"} <= set(arms)
+  for arm in ("independent", "bct", "lqf_bct"):
+    assert len(arms[arm]["new/old top1"]["values"]) == 1
+  assert {f"v{q}/v{g} top1" for q in (1, 2, 3) for g in (1, 2, 3)} <= set(arms["chain"])
+  assert "small/large top1" in arms["hetero"]
+  assert set(doc["goals"]) == {"independent fails the criterion", "bct passes the criterion",
+                               "lqf_bct passes the criterion", "lqf_bct update gain >= 0.3"}
+  saved = json.load(open(tmp_path / "bct.json"))
+  assert saved["meta"]["command"].startswith("python -m bct bench")
+  # NaN (an undefined gain) is not equal to itself: compare the serialised forms.
+  assert json.dumps(saved["arms"], sort_keys=True) == json.dumps(arms, sort_keys=True)
+  assert "lqf_bct" in bench.format_table(doc)
