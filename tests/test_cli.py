@@ -48,3 +48,16 @@ def test_unwritable_workdir(tmp_path):
   blocker.write_text("")
   proc = run("pretrain", "--config", CONFIG, "--workdir", str(blocker / "run"), *TINY)
   _assert_one_line_error(proc, "cannot be written")
+
+
+def test_csv_text_and_atomic_figures(tmp_path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from lqf import io
+  assert io.csv_text([{"a": 1, "b": 2, "c": 3}, {"a": 4, "b": 5}], ["a", "b"]) == \
+      "a,b\n1,2\n4,5\n"
+  fig, _ = plt.subplots()
+  io.atomic_savefig(fig, str(tmp_path / "f.png"))
+  assert open(tmp_path / "f.png", "rb").read(4) == b"\x89PNG"
+  assert [p.name for p in tmp_path.iterdir()] == ["f.png"]

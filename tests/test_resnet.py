@@ -341,3 +341,27 @@ def test_bad_config_raises_value_error_naming_value(overrides, needles):
   assert "\n" not in message
   for needle in needles:
     assert needle in message
+
+
+def test_joint_outputs_are_the_logits_and_the_embedding_of_one_pass():
+  model = _small()
+  x = _images()
+  apply, params, stats = resnet.split_apply(model)
+  feats, _, _ = resnet.split_apply(model, output="features")
+  both, _, _ = resnet.split_apply(model, output="both")
+  logits, emb = both(params, stats, x)
+  np.testing.assert_allclose(logits, apply(params, stats, x), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(emb, feats(params, stats, x), rtol=1e-6, atol=1e-6)
+  train_apply, _, _ = resnet.split_train_apply(model)
+  train_both, _, _ = resnet.split_train_apply(model, output="both")
+  (t_logits, t_emb), t_stats = train_both(params, stats, x)
+  ref_logits, ref_stats = train_apply(params, stats, x)
+  np.testing.assert_allclose(t_logits, ref_logits, rtol=1e-6, atol=1e-6)
+  assert t_emb.shape == emb.shape and _leaves_equal(t_stats, ref_stats)
+  for point in resnet.SPLIT_POINTS:
+    prefix, suffix = resnet.split_at(model, point, output="joint")
+    joint = suffix(params, stats, prefix(params, stats, x))
+    np.testing.assert_allclose(joint, jnp.concatenate([logits, emb], -1), rtol=1e-5,
+                               atol=1e-5)
+  with pytest.raises(ValueError, match="unknown output"):
+    resnet.split_at(model, "head", output="features")

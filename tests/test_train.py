@@ -76,3 +76,18 @@ def test_load_pretrained_refuses_an_unfinished_run(tiny_config, tmp_path):
   train.pretrain(tiny_config, str(tmp_path), stop_at_step=2, progress=False)
   with pytest.raises(UserError, match="has not finished"):
     train.load_pretrained(str(tmp_path))
+
+
+def test_a_loss_on_logits_and_embedding_trains_like_its_logits_part(tiny_config):
+  from lqf.data import pipeline
+  d = tiny_config.data
+  data = pipeline.load_split(d, d.train_split, corrupted=False, shots=2, subset_seed=0)
+  clf = train.build_classifier(tiny_config.model, 10, 1, 0)
+  plain = train.fit(clf, data, tiny_config.train, seed=0, progress=False)
+  seen = []
+  pair = lambda out, labels, extras: seen.append(out[1].shape) or train.cross_entropy(
+      out[0], labels)
+  both = train.fit(clf, data, tiny_config.train, seed=0, progress=False, loss=pair,
+                   with_features=True)
+  _assert_trees_equal(plain, both)
+  assert seen and seen[0][-1] == 4 * tiny_config.model.width
