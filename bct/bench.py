@@ -191,7 +191,11 @@ def run(*, json_path: str, seeds: int = 5, quick: bool = False,
   for seed in range(seeds):
     t0 = time.perf_counter()
     per_seed.append(run_update(cfg, seed))
-    print(f"bct seed {seed}: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    u = per_seed[-1]["update"]
+    print(f"bct seed {seed}: {time.perf_counter() - t0:.0f}s; top-1 old/old "
+          f"{100 * u['old/old']['top1']:.2f}%, new/old " + ", ".join(
+              f"{a} {100 * u[f'{a}/old']['top1']:.2f}%" for a in NONLINEAR + ("lqf_bct",)),
+          file=sys.stderr)
   arms = _arms(per_seed)
   doc = {"meta": lqf_bench.meta(f"python -m bct bench --json {json_path} --seeds {seeds}"
                                 + (" --quick" if quick else ""), range(seeds)),

@@ -140,3 +140,15 @@ def test_bench_reports_every_arm_and_its_goals(pretrained, tmp_path):
   # NaN (an undefined gain) is not equal to itself: compare the serialised forms.
   assert json.dumps(saved["arms"], sort_keys=True) == json.dumps(arms, sort_keys=True)
   assert "lqf_bct" in bench.format_table(doc)
+
+
+def test_a_chain_constrained_by_every_predecessor(pretrained):
+  from bct import bench
+  cfg = config_lib.to_dict(_cfg(pretrained, "chain.mode=all", "train.steps=2"))
+  data, evaluation = job.load_data(cfg)
+  v1 = job.old_model(cfg, data.num_classes)
+  table = bench.chain_matrix(cfg, data, evaluation, v1, seed=0)
+  assert set(table) == {f"{q}/{g}" for q in ("v1", "v2", "v3") for g in ("v1", "v2", "v3")}
+  # v1's own row is the old model's retrieval, whatever came after it.
+  assert table["v1/v1"] == job.cross_retrieval(cfg, {"old": v1}, evaluation,
+                                               [("old", "old")])["old/old"]
