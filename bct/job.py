@@ -201,7 +201,8 @@ def train_old(cfg: Mapping[str, Any]) -> Model:
   """The config's old model, trained in memory on `old.shots` examples of each of
   `old.classes` (seed + 1000). Deterministic, so done once per process and setting."""
   d, o = cfg["data"], cfg["old"]
-  key = json.dumps([_plain(d), _plain(o), cfg["seed"]], sort_keys=True, default=str)
+  key = json.dumps([_plain(d), _plain(o), head_kind(cfg), cfg["seed"]], sort_keys=True,
+                   default=str)
   if key not in _OLD_MODELS:
     data = load_split(cfg, o["shots"], cfg["seed"])
     _OLD_MODELS[key] = fit_model(cfg, o, data, o["finetune"], seed=cfg["seed"] + 1000,
