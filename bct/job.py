@@ -49,6 +49,7 @@ def check_config(cfg: Mapping[str, Any]) -> None:
   require(b["method"] in losses.METHODS, f"unknown bct.method {b['method']!r}: use one of "
           f"{', '.join(losses.METHODS)}")
   require(b["lam"] >= 0, f"bct.lam must be ≥ 0, got {b['lam']}")
+  require(b["l2_clip_norm"] >= 0, f"bct.l2_clip_norm must be ≥ 0, got {b['l2_clip_norm']}")
   require(b["dim_rule"] in embedding.DIM_RULES, f"unknown bct.dim_rule {b['dim_rule']!r}: "
           f"use one of {', '.join(embedding.DIM_RULES)}")
   require(b["head"] in ("linear", "cosine"), f"unknown bct.head {b['head']!r}: use "
@@ -184,6 +185,7 @@ def fit_model(cfg: Mapping[str, Any], spec: Mapping[str, Any], data: pipeline.Im
   if method == "l2":
     require(old is not None, "the l2 loss needs the old model")
     extras = lambda idx, images: old.embed(images)
+    t = dict(t, clip_norm=max(float(t.get("clip_norm", 0.0) or 0.0), b["l2_clip_norm"]))
   params, stats = train.fit(clf, sub, t, seed=seed, augment=cfg["data"]["augment"],
                             train_bn=t["train_bn"], workdir=workdir, stop_at_step=stop_at_step,
                             progress=progress, loss=loss, extras=extras, with_features=True,
