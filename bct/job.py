@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from bct import embedding, losses, retrieval
-from lqf import checkpoint, finetune, train
+from lqf import checkpoint, finetune, parallel, train
 from lqf import config as config_lib
 from lqf.data import pipeline
 from lqf.errors import UserError, require
@@ -189,7 +189,7 @@ def fit_model(cfg: Mapping[str, Any], spec: Mapping[str, Any], data: pipeline.Im
   params, stats = train.fit(clf, sub, t, seed=seed, augment=cfg["data"]["augment"],
                             train_bn=t["train_bn"], workdir=workdir, stop_at_step=stop_at_step,
                             progress=progress, loss=loss, extras=extras, with_features=True,
-                            log_name=log_name or method)
+                            log_name=log_name or method, mesh=parallel.mesh_for(cfg))
   if stop_at_step is not None and stop_at_step < t["steps"]:
     return None
   return model_of(dataclasses.replace(clf, params=params, batch_stats=stats), classes,
@@ -308,7 +308,7 @@ def run(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None
     _check_dims(cfg, old.embed(evaluation.images[:1]).shape[-1])
   checkpoint.claim_workdir(workdir, config_lib.to_dict(cfg), command=COMMAND,
                            may_change=("train.checkpoint_every", "train.log_every",
-                                       "train.eval_every", "retrieval"))
+                                       "train.eval_every", "retrieval", "parallel"))
   new = fit_model(cfg, cfg["new"], data, cfg["train"], seed=cfg["seed"], method=b["method"],
                   heads=heads, old=old, workdir=workdir, stop_at_step=stop_at_step,
                   progress=progress)

@@ -34,6 +34,8 @@ as met or missed.
 
 import ml_collections
 
+from lqf import config as config_lib
+
 from configs import digits_transfer
 
 SMALL = ("model.width=8", "seed=1")
@@ -84,4 +86,5 @@ def get_config() -> ml_collections.ConfigDict:
       v2=dict(pretrained_workdir="runs/digits_pretrain_seed1", pretrain_overrides=("seed=1",),
               classes=(0, 1, 2, 3, 4, 5, 6, 7)),
       v3=dict(pretrained_workdir="runs/digits_pretrain", pretrain_overrides=(), classes=()))
+  c.parallel = config_lib.parallel_config()
   return c

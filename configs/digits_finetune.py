@@ -22,6 +22,8 @@ LQF, 91.5% for the probe, 85.5% for nonlinear fine-tuning; one subset (seed 0) i
 
 import ml_collections
 
+from lqf import config as config_lib
+
 from configs import digits_transfer
 
 
@@ -42,4 +44,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.finetune.log_every = 10
   c.probe = t.probe
   c.probe.lr = 0.001
+  c.parallel = config_lib.parallel_config()
   return c

@@ -28,6 +28,8 @@ percent of the test set negatively; focal distillation lowers that.
 
 import ml_collections
 
+from lqf import config as config_lib
+
 from configs import digits_transfer
 
 
@@ -64,4 +66,5 @@ def get_config() -> ml_collections.ConfigDict:
   # The benchmark's grid for FD's λ, chosen on the validation split: the lowest NFR among
   # the values whose error rate is within a point of no treatment's.
   c.lam_grid = (0.01, 0.1, 1.0)
+  c.parallel = config_lib.parallel_config()
   return c

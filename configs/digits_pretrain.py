@@ -12,6 +12,8 @@ on a 2-core CPU.
 
 import ml_collections
 
+from lqf import config as config_lib
+
 
 def data_config() -> ml_collections.ConfigDict:
   """The data block shared by the digits configs."""
@@ -45,4 +47,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = dict(
       optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=128,
       steps=600, warmup_steps=30, checkpoint_every=100, eval_every=100, log_every=20)
+  c.parallel = config_lib.parallel_config()
   return c

@@ -70,12 +70,24 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> None:
   print(bench.format_table(result))
 
 
+def _import_weights(args: argparse.Namespace, overrides: list[str]) -> None:
+  """Torchvision/timm ResNet weights -> a finished pretraining run in --workdir."""
+  from lqf import weights  # pylint: disable=g-import-not-at-top
+  if overrides:
+    raise UserError(f"import-weights takes no config overrides, got {' '.join(overrides)}")
+  report = weights.import_run(args.weights, args.workdir, activation=args.activation,
+                              leaky_slope=args.leaky_slope, image_size=args.image_size)
+  print(report.summary())
+  print(f"imported into {args.workdir}: name it as pretrained_workdir in a config")
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
     "pretrain": _train_job,
     "finetune": _train_job,
     "solve": _train_job,
     "demo": _demo,
     "bench": _bench,
+    "import-weights": _import_weights,
 }
 
 
@@ -100,8 +112,18 @@ def parser() -> argparse.ArgumentParser:
   dm = sub.add_parser("demo", help="the main job on the built-in digits")
   dm.add_argument("--workdir", default="runs/demo")
   dm.add_argument("--no_progress", action="store_true", help="no progress bars")
+  im = sub.add_parser("import-weights", help="an ImageNet ResNet from torchvision or timm",
+                      description="Reads .safetensors, .npz or (with torch) .pth weights of "
+                      "a torchvision/timm ResNet-18/34/50 and writes them as a finished "
+                      "pretraining run.")
+  im.add_argument("--weights", required=True, help="the weights file")
+  im.add_argument("--workdir", required=True, help="where the run is written")
+  im.add_argument("--activation", default="leaky_relu", choices=["leaky_relu", "relu"],
+                  help="LQF linearizes a leaky-ReLU network (default)")
+  im.add_argument("--leaky_slope", type=float, default=0.1)
+  im.add_argument("--image_size", type=int, default=224, help="recorded for reference")
   b = sub.add_parser("bench", help="run a benchmark and write its JSON")
-  b.add_argument("name", choices=["transfer", "accuracy", "cost", "solve"])
+  b.add_argument("name", choices=["transfer", "accuracy", "cost", "solve", "throughput"])
   b.add_argument("--json", required=True, help="where to write the results")
   b.add_argument("--seeds", type=int, default=5)
   b.add_argument("--quick", action="store_true", help="a fast smoke version")

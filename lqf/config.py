@@ -20,6 +20,14 @@ ACTIVATIONS = ("relu", "leaky_relu")
 OPTIMIZERS = ("sgd", "adam")
 
 
+def parallel_config(devices: int = 1) -> ml_collections.ConfigDict:
+  """The `parallel` block of a job config: the device mesh and the multi-host start-up
+  (`lqf.parallel`). `devices=0` uses every device; the built-in digits jobs use one, as
+  their batches are too small to gain from more."""
+  return ml_collections.ConfigDict(dict(devices=devices, distributed=False, coordinator="",
+                                        num_processes=0, process_id=-1))
+
+
 def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """Loads `path` (a Python file, optionally `path:arg`) and applies `key=value` overrides.
 

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from lqf import train
 from lqf.data import pipeline
@@ -31,11 +32,11 @@ def with_new_head(pretrained: train.Classifier, model_cfg: Mapping[str, Any],
 
 
 def finetune(clf: train.Classifier, data: pipeline.ImageSplit, t: Mapping[str, Any], *,
-             seed: int, train_bn: bool, augment: Mapping[str, Any] | None = None
-             ) -> train.Classifier:
+             seed: int, train_bn: bool, augment: Mapping[str, Any] | None = None,
+             mesh: Mesh | None = None) -> train.Classifier:
   """Nonlinear fine-tuning of every weight with cross-entropy (`train.fit`)."""
   params, stats = train.fit(clf, data, t, seed=seed, augment=augment, train_bn=train_bn,
-                            progress=False)
+                            progress=False, mesh=mesh)
   return dataclasses.replace(clf, params=params, batch_stats=stats)
 
 

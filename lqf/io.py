@@ -1,4 +1,8 @@
-"""Files that are either complete or absent: write to a temporary name, then rename."""
+"""Files that are either complete or absent: write to a temporary name, then rename.
+
+On several hosts only the first process writes (every process computes the same
+replicated results, and they share the workdir); the others skip these writes.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 
+def is_primary() -> bool:
+  """Whether this process writes the run's files (the first of several hosts)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
+
+
 def atomic_write_text(path: str, text: str) -> None:
   """Writes `text` to `path` so that a crash leaves the old file or the new one."""
+  if not is_primary():
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
@@ -40,6 +52,9 @@ def csv_text(rows: Iterable[Mapping[str, Any]], fields: Sequence[str]) -> str:
 def atomic_savefig(fig: Any, path: str, dpi: int = 120) -> None:
   """Saves a matplotlib figure as PNG under a temporary name, renames it, closes it."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  if not is_primary():
+    plt.close(fig)
+    return
   tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-" + os.path.basename(path))
   fig.savefig(tmp, dpi=dpi, format="png")
   plt.close(fig)
@@ -61,7 +76,7 @@ class MetricsLog:
     self.path = path
 
   def truncate_after(self, step: int) -> None:
-    if not os.path.exists(self.path):
+    if not is_primary() or not os.path.exists(self.path):
       return
     with open(self.path) as f:
       keep = []
@@ -74,6 +89,8 @@ class MetricsLog:
     atomic_write_text(self.path, "".join(keep))
 
   def write(self, step: int, **metrics: Any) -> None:
+    if not is_primary():
+      return
     record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")

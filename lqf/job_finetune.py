@@ -15,9 +15,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from lqf import checkpoint, finetune, linearize, objective, optim, train
+from lqf import checkpoint, finetune, linearize, objective, optim, parallel, train
 from lqf import config as config_lib
 from lqf.data import pipeline
 from lqf.errors import require
@@ -72,6 +73,7 @@ def run(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None
         progress: bool = True) -> dict[str, Any]:
   """Runs the job; returns (and writes) the final metrics."""
   check_config(cfg)
+  mesh = parallel.mesh_for(cfg)
   pre_cfg, pretrained = load_pretrained_for(cfg)
   d = cfg["data"]
   data = pipeline.load_split(d, d["train_split"], corrupted=d["corrupt_train"],
@@ -81,14 +83,15 @@ def run(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None
                                d["channels"], cfg["seed"])
   checkpoint.claim_workdir(workdir, config_lib.to_dict(cfg), command="finetune",
                            may_change=("lqf.checkpoint_every", "finetune.checkpoint_every",
-                                       "finetune.log_every", "finetune.eval_every"))
+                                       "finetune.log_every", "finetune.eval_every",
+                                       "parallel"))
   method = cfg["method"]
   if method == "nonlinear":
     t = cfg["finetune"]
     params, stats = train.fit(clf, data, t, seed=cfg["seed"], train_bn=t["train_bn"],
                               augment=d["augment"],
                               evaluation=evaluation, workdir=workdir,
-                              stop_at_step=stop_at_step, progress=progress)
+                              stop_at_step=stop_at_step, progress=progress, mesh=mesh)
     jitted = jax.jit(clf.apply)
     predict = lambda x: jitted(params, stats, x)
   elif method == "probe":
@@ -96,7 +99,7 @@ def run(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None
     jitted = jax.jit(out.apply)
     predict = lambda x: jitted(out.params, out.batch_stats, x)
   else:
-    trained = _run_lqf(clf, data, cfg, workdir, stop_at_step, progress)
+    trained = _run_lqf(clf, data, cfg, workdir, stop_at_step, progress, mesh)
     if trained is None:
       return {}
     predict, delta = trained
@@ -124,8 +127,8 @@ def _optimality(clf: train.Classifier, data: pipeline.ImageSplit, cfg: Mapping[s
 
 
 def _run_lqf(clf: train.Classifier, data: pipeline.ImageSplit, cfg: Mapping[str, Any],
-             workdir: str, stop_at_step: int | None, progress: bool
-             ) -> tuple[Callable[[jax.Array], jax.Array], Any] | None:
+             workdir: str, stop_at_step: int | None, progress: bool,
+             mesh: Mesh | None = None) -> tuple[Callable[[jax.Array], jax.Array], Any] | None:
   """Trains δ with checkpoints and resume; returns (predictor, δ), or None if stopped."""
   c = cfg["lqf"]
   lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, c["scope"],
@@ -151,9 +154,12 @@ def _run_lqf(clf: train.Classifier, data: pipeline.ImageSplit, cfg: Mapping[str,
   bar = tqdm(total=int(c["steps"]), initial=start, desc="lqf", disable=not progress,
              dynamic_ncols=True, file=sys.stderr)
   objective_at = jax.jit(loss)
+  # The whole-set objective reads δ where the optimiser keeps it (replicated on a mesh).
+  state_at, data_at = (lin.state, (feats, labels)) if mesh is None else \
+      parallel.replicate((lin.state, (feats, labels)), mesh)
 
   def on_step(step, delta, opt_state):
-    value = float(objective_at(delta, lin.state, (feats, labels)))
+    value = float(objective_at(delta, state_at, data_at))
     log.write(step, split="train", objective=value)
     bar.update(1)
     bar.set_postfix(objective=f"{value:.4g}", refresh=False)
@@ -161,7 +167,9 @@ def _run_lqf(clf: train.Classifier, data: pipeline.ImageSplit, cfg: Mapping[str,
       checkpoint.save(mgr, step, {"delta": delta, "opt_state": opt_state})
 
   delta, _ = optim.fit(loss, lin.zeros(), lin.state, feats, labels, dict(c, steps=total),
-                       l2=2 * c["lam"], seed=cfg["seed"], callback=on_step, resume=resume)
+                       l2=2 * c["lam"], seed=cfg["seed"], callback=on_step, resume=resume,
+                       mesh=mesh)
+  delta = parallel.to_host(delta)
   bar.close()
   mgr.wait_until_finished()
   mgr.close()

@@ -23,8 +23,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from lqf import checkpoint, finetune, linearize, solve, train
+from lqf import checkpoint, finetune, linearize, parallel, solve, train
 from lqf import config as config_lib
 from lqf.data import pipeline
 from lqf.errors import require
@@ -63,14 +64,16 @@ def lqf_problem(clf: train.Classifier, images: np.ndarray, labels: np.ndarray,
 
 def exact_optimum(clf: train.Classifier, images: np.ndarray, labels: np.ndarray,
                   num_classes: int, c: Mapping[str, Any], s: Mapping[str, Any], *,
-                  seed: int = 0, callback: Callable[[int, PyTree, float], None] | None = None
-                  ) -> tuple[solve.Solution, float]:
+                  seed: int = 0, callback: Callable[[int, PyTree, float], None] | None = None,
+                  mesh: Mesh | None = None) -> tuple[solve.Solution, float]:
   """The minimiser of the LQF objective of config blocks `c` (lqf) and `s` (solve) on
-  (images, labels). Returns the solution with δ* in float32, and the solve's seconds."""
+  (images, labels), its data passes split over `mesh`'s devices. Returns the solution
+  with δ* in float32, and the solve's seconds."""
   dtype = jnp.float64 if s["float64"] else jnp.float32
   with jax.enable_x64(bool(s["float64"])):
     problem = lqf_problem(clf, images, labels, num_classes, c, dtype=dtype,
                           batch_size=int(s["batch_size"]))
+    problem = solve.on_mesh(problem, mesh)
     t0 = time.perf_counter()
     if s["method"] == "cg":
       pre = (solve.kfac_preconditioner(problem, damping=s["damping"], seed=seed)
@@ -80,7 +83,7 @@ def exact_optimum(clf: train.Classifier, images: np.ndarray, labels: np.ndarray,
     else:
       sol = solve.kernel_solve(problem, max_bytes=s["max_gb"] * 1e9)
     seconds = time.perf_counter() - t0
-    delta = _to_float(sol.delta, jnp.float32)
+    delta = parallel.to_host(_to_float(sol.delta, jnp.float32))
     jax.block_until_ready(delta)
   return sol._replace(delta=delta), seconds
 
@@ -101,6 +104,7 @@ def run(cfg: Mapping[str, Any], workdir: str, *, progress: bool = True) -> dict[
   from lqf import job_finetune  # pylint: disable=g-import-not-at-top
   job_finetune.check_config(cfg)
   check_solve_config(cfg)
+  mesh = parallel.mesh_for(cfg)
   pre_cfg, pretrained = job_finetune.load_pretrained_for(cfg)
   d, c, s = cfg["data"], cfg["lqf"], cfg["solve"]
   data = pipeline.load_split(d, d["train_split"], corrupted=d["corrupt_train"],
@@ -117,14 +121,14 @@ def run(cfg: Mapping[str, Any], workdir: str, *, progress: bool = True) -> dict[
             f"({need / 1e9:.2f} GB), more than solve.max_gb={s['max_gb']}: use "
             "--config.solve.method=cg, which needs memory for one batch only")
   checkpoint.claim_workdir(workdir, config_lib.to_dict(cfg), command="solve",
-                           may_change=("lqf.checkpoint_every",))
+                           may_change=("lqf.checkpoint_every", "parallel"))
 
   def show(j, _, value):
     if progress and (j % 25 == 0 or j == 1):
       print(f"  cg iteration {j}: objective {value:.6g}", flush=True)
 
   sol, seconds = exact_optimum(clf, data.images, data.labels, data.num_classes, c, s,
-                               seed=cfg["seed"], callback=show)
+                               seed=cfg["seed"], callback=show, mesh=mesh)
   lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, c["scope"],
                             batch_norm=c["batch_norm"])
   apply = jax.jit(lin.apply)

@@ -9,6 +9,7 @@ and invert them once, instead of tracking a moving average (`curvature="ema"`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -17,29 +18,37 @@ import jax.numpy as jnp
 import kfac_jax
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
+from lqf import parallel
 from lqf.data import pipeline
 from lqf.errors import NonFiniteLossError
 from lqf.linearize import LinState
 
 PyTree = Any
+# kfac-jax donates its batches; a batch sharded over a mesh cannot always be reused in
+# place, which only costs a copy.
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 Objective = Callable[[PyTree, LinState, tuple[jax.Array, jax.Array]], jax.Array]
 OPTIMIZERS = ("kfac", "sgd", "adam")
 
 
 def batches(feats: jax.Array, labels: jax.Array, batch_size: int, seed: int,
-            start: int = 0) -> Iterator[tuple[jax.Array, jax.Array]]:
+            start: int = 0, mesh: Mesh | None = None
+            ) -> Iterator[tuple[jax.Array, jax.Array]]:
   """Batch `s` is `pipeline.batch_indices(N, B, s, seed)`: a pure function of the step.
-  The whole set, in order, when B ≥ N (full-batch steps on few-shot data)."""
+  The whole set, in order, when B ≥ N (full-batch steps on few-shot data). On a `mesh`
+  each batch is split over its devices."""
   n = len(labels)
   step = start
   while True:
     if batch_size >= n:
       # A copy: kfac-jax's burn-in donates its batch, and these arrays are the caller's.
-      yield jnp.array(feats), jnp.array(labels)
+      batch = jnp.array(feats), jnp.array(labels)
     else:
-      idx = jnp.asarray(pipeline.batch_indices(n, batch_size, step, seed))
-      yield feats[idx], labels[idx]
+      idx = pipeline.batch_indices(n, batch_size, step, seed)
+      batch = feats[idx], labels[idx]
+    yield batch if mesh is None else parallel.shard_batch(batch, mesh)
     step += 1
 
 
@@ -75,30 +84,43 @@ def kfac_blocks(opt: kfac_jax.Optimizer) -> tuple[Any, ...]:
 def fit(objective: Objective, delta0: PyTree, state: LinState, feats: jax.Array,
         labels: jax.Array, o: Mapping[str, Any], *, l2: float, seed: int,
         callback: Callable[[int, PyTree, Any], None] | None = None,
-        resume: tuple[int, PyTree, Any] | None = None) -> tuple[PyTree, list[float]]:
+        resume: tuple[int, PyTree, Any] | None = None,
+        mesh: Mesh | None = None) -> tuple[PyTree, list[float]]:
   """Minimises `objective` from `delta0` for `o["steps"]` steps with `o["optimizer"]`.
 
   Returns the final δ and the objective on each step's batch. `callback(step, δ,
   opt_state)` runs after every step (checkpoints, optimality-gap curves); `resume =
   (step, δ, opt_state)` continues a run from such a point. Every batch and random key is
   a function of `(seed, step)`, so a resumed run ends where an uninterrupted one does.
+  On a `mesh` the batches are split over its devices and δ, the function state and the
+  optimiser state are replicated: K-FAC's factors are sums over the global batch, so the
+  steps are those of one device (kfac-jax runs in its single-program mode; XLA adds the
+  cross-device sums, where its `multi_device` mode would need pmap).
   """
   name = o["optimizer"]
   if name not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
   batch_size = int(o["batch_size"])
   start = 0 if resume is None else int(resume[0])
-  data = batches(feats, labels, batch_size, seed, start=start)
+  if mesh is not None:
+    parallel.check_batch(min(batch_size, len(labels)), mesh,
+                         f"the LQF batch (lqf.batch_size={batch_size}, capped at the "
+                         f"{len(labels)} examples)")
+  data = batches(feats, labels, batch_size, seed, start=start, mesh=mesh)
   history: list[float] = []
   # Fresh buffers: kfac-jax donates δ and the function state, which the caller keeps.
   delta = jax.tree.map(jnp.array, delta0 if resume is None else resume[1])
   state = jax.tree.map(jnp.array, state)
+  if mesh is not None:
+    delta, state = parallel.replicate((delta, state), mesh)
+    if resume is not None:
+      resume = (resume[0], delta, parallel.replicate(resume[2], mesh))
   key = jax.random.key(seed)
   if name == "kfac":
     opt = make_kfac(objective, o, l2)
     # `init` also finalizes the optimiser's graph, which a resumed run needs too.
-    opt_state = opt.init(delta, key, next(batches(feats, labels, batch_size, seed)),
-                         func_state=state)
+    opt_state = opt.init(delta, key, next(batches(feats, labels, batch_size, seed,
+                                                  mesh=mesh)), func_state=state)
     if resume is not None:
       opt_state = resume[2]
     for step in range(start, int(o["steps"])):
@@ -112,12 +134,13 @@ def fit(objective: Objective, delta0: PyTree, state: LinState, feats: jax.Array,
     return delta, history
   tx = _optax(o)
 
-  @jax.jit
   def step_fn(delta, opt_state, state, batch):
     loss, grads = jax.value_and_grad(objective)(delta, state, batch)
     updates, opt_state = tx.update(grads, opt_state, delta)
     return optax.apply_updates(delta, updates), opt_state, loss
 
+  rep = None if mesh is None else parallel.replicated(mesh)
+  step_fn = jax.jit(step_fn) if mesh is None else jax.jit(step_fn, out_shardings=rep)
   opt_state = tx.init(delta) if resume is None else resume[2]
   for step in range(start, int(o["steps"])):
     delta, opt_state, loss = step_fn(delta, opt_state, state, next(data))

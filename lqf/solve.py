@@ -36,7 +36,9 @@ import kfac_jax
 import numpy as np
 import scipy.linalg
 from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh
 
+from lqf import parallel
 from lqf.errors import UserError
 from lqf.linearize import LinState
 
@@ -62,12 +64,14 @@ class Term(NamedTuple):
 class Problem:
   """The objective of the module docstring: its terms, the ridge λ, δ's structure
   (`like`, zeros) and the state the outputs read. `batch_size` bounds the examples per
-  pass, so memory does not grow with the data."""
+  pass, so memory does not grow with the data. On a `mesh` (see `on_mesh`) every pass
+  splits its batches over the devices."""
   terms: tuple[Term, ...]
   state: LinState
   like: PyTree
   lam: float
   batch_size: int = 256
+  mesh: Mesh | None = None
 
   def __post_init__(self):
     if self.lam < 0:
@@ -105,6 +109,15 @@ def mse_problem(apply: Outputs, state: LinState, like: PyTree, feats: jax.Array,
   return Problem((term,), state, like, lam, batch_size)
 
 
+def on_mesh(problem: Problem, mesh: Mesh | None) -> Problem:
+  """`problem` with its passes split over `mesh`'s devices (δ's structure and the state
+  replicated; each batch, padded to a multiple of the device count, sharded)."""
+  if mesh is None:
+    return problem
+  like, state = parallel.replicate((problem.like, problem.state), mesh)
+  return dataclasses.replace(problem, like=like, state=state, mesh=mesh)
+
+
 def relative_gap(value: float, optimum: float) -> float:
   """(L - L*) / |L*|: how far an objective value is above the optimum, relatively."""
   return (value - optimum) / abs(optimum)
@@ -112,19 +125,24 @@ def relative_gap(value: float, optimum: float) -> float:
 
 # --- Passes over the data, one batch at a time. -------------------------------------------
 
-def _padded_batches(term: Term, batch_size: int) -> Iterator[tuple[jax.Array, ...]]:
-  """(h, y, w) batches of exactly `min(batch_size, N)` rows; the last is padded with
-  zero-weight copies of the first rows, so every batch reuses one compiled program."""
+def _padded_batches(term: Term, batch_size: int, mesh: Mesh | None = None
+                    ) -> Iterator[tuple[jax.Array, ...]]:
+  """(h, y, w) batches of exactly `min(batch_size, N)` rows (rounded up to a multiple of
+  the mesh's devices); the last is padded with zero-weight copies of the first rows, so
+  every batch reuses one compiled program."""
   n = len(term.sample_weights)
   b = min(batch_size, n)
+  if mesh is not None:
+    b = -(-b // mesh.size) * mesh.size
   for i in range(0, n, b):
     h, y, w = term.inputs[i:i + b], term.targets[i:i + b], term.sample_weights[i:i + b]
     pad = b - len(w)
     if pad:
-      h = jnp.concatenate([h, term.inputs[:pad]])
-      y = jnp.concatenate([y, term.targets[:pad]])
+      fill = np.arange(pad) % n
+      h = jnp.concatenate([h, term.inputs[fill]])
+      y = jnp.concatenate([y, term.targets[fill]])
       w = jnp.concatenate([w, jnp.zeros((pad,), w.dtype)])
-    yield h, y, w
+    yield (h, y, w) if mesh is None else parallel.shard_batch((h, y, w), mesh)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -168,7 +186,8 @@ def _vdot(x, y) -> jax.Array:
 def objective(problem: Problem, delta: PyTree) -> float:
   """L(δ), in batches."""
   total = sum(_scale(t) * sum(float(_weighted_sq_error(t.outputs, delta, problem.state, *b))
-                              for b in _padded_batches(t, problem.batch_size))
+                              for b in _padded_batches(t, problem.batch_size,
+                                                              problem.mesh))
               for t in problem.terms)
   return total + problem.lam * float(_vdot(delta, delta))
 
@@ -177,7 +196,7 @@ def matvec(problem: Problem, v: PyTree) -> PyTree:
   """A v = (Σ_t a_t/N_t Σ_i w_ti G_tiᵀ G_ti + λI) v: half the Hessian of L, times v."""
   out = jax.tree.map(lambda x: problem.lam * x, v)
   for t in problem.terms:
-    for h, _, w in _padded_batches(t, problem.batch_size):
+    for h, _, w in _padded_batches(t, problem.batch_size, problem.mesh):
       out = _axpy(_scale(t), _gauss_newton_product(t.outputs, v, problem.state, h, w), out)
   return out
 
@@ -187,7 +206,7 @@ def normal_equations(problem: Problem) -> tuple[PyTree, float]:
   b = jax.tree.map(jnp.zeros_like, problem.like)
   c = 0.0
   for t in problem.terms:
-    for batch in _padded_batches(t, problem.batch_size):
+    for batch in _padded_batches(t, problem.batch_size, problem.mesh):
       g, sq = _normal_rhs(t.outputs, problem.like, problem.state, *batch)
       b = _axpy(_scale(t), g, b)
       c += _scale(t) * float(sq)
@@ -341,13 +360,18 @@ def kernel_solve(problem: Problem, *, max_bytes: float = 4e9) -> Solution:
         f"more than max_bytes={max_bytes / 1e9:.1f} GB: use --config.solve.method=cg, which "
         "needs memory for one batch only")
   blocks, resid = [], []
+  # Not split over a mesh: with the batch sharded, XLA (jax 0.9.1, CPU) returned wrong
+  # per-example Jacobian rows from this vmap of jacrev, and so did a shard_map of it
+  # (tests/test_parallel.py compares against one device).
+  like, state = (problem.like, problem.state) if problem.mesh is None else \
+      parallel.to_host((problem.like, problem.state))
   for t in problem.terms:
     for h, y, w in _padded_batches(t, problem.batch_size):
       keep = np.asarray(w) > 0  # Padding rows have zero weight; drop them.
-      jac = np.asarray(_jacobian_rows(t.outputs, problem.like, problem.state, h))
+      jac = np.asarray(_jacobian_rows(t.outputs, like, state, h))
       jac = jac.reshape(len(w), -1, p)[keep]
       s = np.sqrt(np.asarray(w, np.float64)[keep] * _scale(t)).astype(jac.dtype)
-      g0 = np.asarray(t.outputs(problem.like, problem.state, h))[keep]
+      g0 = np.asarray(t.outputs(like, state, h))[keep]
       blocks.append((s[:, None, None] * jac).reshape(-1, p))
       resid.append((s[:, None] * (np.asarray(y)[keep] - g0)).reshape(-1))
   phi = np.concatenate(blocks)
@@ -360,6 +384,8 @@ def kernel_solve(problem: Problem, *, max_bytes: float = 4e9) -> Solution:
     alpha = np.linalg.lstsq(kernel, r, rcond=None)[0]
   delta_flat = phi.T @ alpha.astype(phi.dtype)
   delta = unravel(jnp.asarray(delta_flat, flat_like.dtype))
+  if problem.mesh is not None:
+    delta = parallel.replicate(delta, problem.mesh)
   value = problem.lam * float(r @ alpha) if problem.lam > 0 else objective(problem, delta)
   return Solution(delta, value, 0, [], [value], True)
 

@@ -21,12 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from lqf import checkpoint, resnet
+from lqf import checkpoint, parallel, resnet
 from lqf import config as config_lib
 from lqf.data import pipeline
-from lqf.errors import NonFiniteLossError, UserError
+from lqf.errors import NonFiniteLossError, UserError, require
 from lqf.io import MetricsLog, atomic_write_json
 
 PyTree = Any
@@ -103,8 +104,8 @@ def _plain_cross_entropy(logits: jax.Array, labels: jax.Array, extras: Any) -> j
 
 def make_train_step(clf: Classifier, optimizer: optax.GradientTransformation,
                     trainable: PyTree | None = None, train_bn: bool = True,
-                    loss: LossFn = _plain_cross_entropy, with_features: bool = False
-                    ) -> Callable:
+                    loss: LossFn = _plain_cross_entropy, with_features: bool = False,
+                    mesh: Mesh | None = None) -> Callable:
   """A jitted `state, images, labels, extras -> state, metrics` step.
 
   `trainable`, a pytree of bools shaped like the params, freezes the False leaves
@@ -112,6 +113,8 @@ def make_train_step(clf: Classifier, optimizer: optax.GradientTransformation,
   statistics and never updates them. `loss` defaults to cross-entropy; `extras` is
   whatever else it reads per example (the PC losses: the old model's logits).
   `with_features` hands `loss` the pair (logits, embedding) instead of the logits.
+  On a `mesh` the state and metrics come out replicated (the batch arrives sharded,
+  `parallel.shard_batch`), so batch statistics and gradients are those of the global batch.
   """
   if with_features and (clf.apply_both is None or clf.train_apply_both is None):
     raise ValueError("with_features needs a Classifier with apply_both/train_apply_both")
@@ -127,7 +130,6 @@ def make_train_step(clf: Classifier, optimizer: optax.GradientTransformation,
     logits = outputs[0] if with_features else outputs
     return value, (new_stats, (logits.argmax(-1) == labels).mean())
 
-  @jax.jit
   def step(state, images, labels, extras=None):
     (value, (new_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], state["batch_stats"], images, labels, extras)
@@ -139,7 +141,10 @@ def make_train_step(clf: Classifier, optimizer: optax.GradientTransformation,
            "step": state["step"] + 1}
     return new, {"loss": value, "accuracy": acc}
 
-  return step
+  if mesh is None:
+    return jax.jit(step)
+  rep = parallel.replicated(mesh)
+  return jax.jit(step, out_shardings=(rep, rep))
 
 
 def evaluate(apply: Callable, params: PyTree, batch_stats: PyTree,
@@ -174,7 +179,8 @@ def fit(clf: Classifier, train: pipeline.ImageSplit, t: Mapping[str, Any], *,
         stop_at_step: int | None = None, progress: bool = True,
         loss: LossFn = _plain_cross_entropy,
         extras: Callable[[np.ndarray, np.ndarray], Any] | None = None,
-        log_name: str = "train", with_features: bool = False) -> tuple[PyTree, PyTree]:
+        log_name: str = "train", with_features: bool = False,
+        mesh: Mesh | None = None) -> tuple[PyTree, PyTree]:
   """Trains `clf` on `train` for `t.steps` steps; returns `(params, batch_stats)`.
 
   With a `workdir`, checkpoints every `t.checkpoint_every` steps and at the end, resumes
@@ -182,13 +188,20 @@ def fit(clf: Classifier, train: pipeline.ImageSplit, t: Mapping[str, Any], *,
   `stop_at_step` ends the run early, as a preemption would (for tests). `loss` replaces
   cross-entropy; `extras(indices, images)` gives it per-batch data (the rows of `train`
   in the batch, and the batch's images after augmentation); with `with_features` it
-  reads the pair (logits, embedding).
+  reads the pair (logits, embedding). On a `mesh` (`parallel.make_mesh`) every batch is
+  split over its devices; `t.batch_size` is the global batch, so the run computes the
+  same steps as on one device, and it resumes from checkpoints saved on any other mesh.
   """
   batch_size = min(int(t["batch_size"]), len(train))
   optimizer, schedule = make_optimizer(t), make_schedule(t)
-  step_fn = make_train_step(clf, optimizer, trainable, train_bn, loss, with_features)
+  step_fn = make_train_step(clf, optimizer, trainable, train_bn, loss, with_features, mesh)
   state = {"params": clf.params, "batch_stats": clf.batch_stats,
            "opt_state": optimizer.init(clf.params), "step": jnp.zeros((), jnp.int32)}
+  if mesh is not None:
+    parallel.check_batch(batch_size, mesh, f"the batch size (train.batch_size={batch_size}"
+                         f" capped at the {len(train)} training examples)")
+    # Restoring into replicated arrays puts a checkpoint from any layout onto this mesh.
+    state = parallel.replicate(state, mesh)
   total = int(t["steps"])
   mgr = log = None
   start = 0
@@ -210,6 +223,8 @@ def fit(clf: Classifier, train: pipeline.ImageSplit, t: Mapping[str, Any], *,
                                        augment_cfg=augment)
     batch_extras = None if extras is None else extras(
         pipeline.batch_indices(len(train), batch_size, step, seed), images)
+    if mesh is not None:
+      images, labels, batch_extras = parallel.shard_batch((images, labels, batch_extras), mesh)
     state, metrics = step_fn(state, images, labels, batch_extras)
     done = step + 1
     if log is not None and (done % t["log_every"] == 0 or done == total):
@@ -222,7 +237,8 @@ def fit(clf: Classifier, train: pipeline.ImageSplit, t: Mapping[str, Any], *,
                       "the learning rate is probably too high; lower --config.train.lr "
                       "(the last good checkpoint is kept)")
     if evaluation is not None and log is not None and done % t["eval_every"] == 0:
-      ev = evaluate(clf.apply, state["params"], state["batch_stats"], evaluation)
+      ev = evaluate(clf.apply, *parallel.to_host((state["params"], state["batch_stats"])),
+                    evaluation)
       log.write(done, split="eval", loss=ev["loss"], accuracy=ev["accuracy"])
       bar.set_postfix(eval_acc=f"{ev['accuracy']:.3f}")
     if mgr is not None and (done % t["checkpoint_every"] == 0 or done == total):
@@ -233,10 +249,14 @@ def fit(clf: Classifier, train: pipeline.ImageSplit, t: Mapping[str, Any], *,
   if mgr is not None:
     mgr.wait_until_finished()
     mgr.close()
+  if mesh is not None:
+    return parallel.to_host((state["params"], state["batch_stats"]))
   return state["params"], state["batch_stats"]
 
 
 def check_config(cfg: Mapping[str, Any]) -> None:
+  if "parallel" in cfg:
+    parallel.check_config(cfg["parallel"])
   config_lib.check_model(cfg["model"])
   config_lib.check_data(cfg["data"])
   config_lib.check_train(cfg["train"])
@@ -250,6 +270,7 @@ def pretrain(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None =
   returns the final metrics.
   """
   check_config(cfg)
+  mesh = parallel.mesh_for(cfg)
   d = cfg["data"]
   # Everything that can fail on bad input happens before the workdir is touched.
   train = pipeline.load_split(d, d["train_split"], corrupted=d["corrupt_train"])
@@ -257,10 +278,10 @@ def pretrain(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None =
   clf = build_classifier(cfg["model"], train.num_classes, d["channels"], cfg["seed"])
   checkpoint.claim_workdir(workdir, config_lib.to_dict(cfg), command="pretrain",
                            may_change=("train.checkpoint_every", "train.eval_every",
-                                       "train.log_every"))
+                                       "train.log_every", "parallel"))
   params, batch_stats = fit(clf, train, cfg["train"], seed=cfg["seed"], augment=d["augment"],
                             evaluation=evaluation, workdir=workdir, stop_at_step=stop_at_step,
-                            progress=progress)
+                            progress=progress, mesh=mesh)
   result = {"eval": evaluate(clf.apply, params, batch_stats, evaluation),
             "train": evaluate(clf.apply, params, batch_stats, train)}
   if stop_at_step is None:
@@ -277,23 +298,34 @@ def load_pretrained(workdir: str) -> tuple[dict[str, Any], Classifier]:
                     f"'python -m lqf pretrain --config ... --workdir {workdir}' first")
   with open(path) as f:
     record = json.load(f)
-  if record.get("command") != "pretrain":
-    raise UserError(f"{workdir!r} holds a {record.get('command')!r} run, not a pretraining run")
+  command = record.get("command")
+  require(command in ("pretrain", "import"),
+          f"{workdir!r} holds a {command!r} run, not a pretraining run")
   cfg = record["config"]
-  _, num_classes = pipeline.open_source(cfg["data"]["name"], cfg["data"]["eval_split"],
-                                        cfg["data"]["data_dir"])
+  if command == "import":  # `lqf.weights`: ImageNet weights, no dataset to open.
+    num_classes = int(cfg["num_classes"])
+  else:
+    _, num_classes = pipeline.open_source(cfg["data"]["name"], cfg["data"]["eval_split"],
+                                          cfg["data"]["data_dir"])
   clf = build_classifier(cfg["model"], num_classes, cfg["data"]["channels"], cfg["seed"])
   mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
-  # The checkpoint holds the whole training state; rebuild its structure to restore it.
-  like = {"params": clf.params, "batch_stats": clf.batch_stats,
-          "opt_state": make_optimizer(cfg["train"]).init(clf.params),
-          "step": jnp.zeros((), jnp.int32)}
-  restored = checkpoint.restore_latest(mgr, like)
+  if command == "import":
+    like = {"params": clf.params, "batch_stats": clf.batch_stats}
+    restored = checkpoint.restore_latest(mgr, like)
+    require(restored is not None, f"the imported run in {workdir!r} has no checkpoint: run "
+            "'python -m lqf import-weights' again")
+  else:
+    # The checkpoint holds the whole training state; rebuild its structure to restore it.
+    like = {"params": clf.params, "batch_stats": clf.batch_stats,
+            "opt_state": make_optimizer(cfg["train"]).init(clf.params),
+            "step": jnp.zeros((), jnp.int32)}
+    restored = checkpoint.restore_latest(mgr, like)
+    if restored is None or restored[1] < cfg["train"]["steps"]:
+      mgr.close()
+      raise UserError(f"the pretraining run in {workdir!r} has not finished (latest "
+                      f"checkpoint: {restored and restored[1]}); run the pretrain command "
+                      "again to resume it")
   mgr.close()
-  if restored is None or restored[1] < cfg["train"]["steps"]:
-    raise UserError(f"the pretraining run in {workdir!r} has not finished (latest "
-                    f"checkpoint: {restored and restored[1]}); run the pretrain command "
-                    "again to resume it")
   clf.params, clf.batch_stats = restored[0]["params"], restored[0]["batch_stats"]
   return cfg, clf
 

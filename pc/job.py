@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqf import checkpoint, finetune, train
+from lqf import checkpoint, finetune, parallel, train
 from lqf import config as config_lib
 from lqf.data import pipeline
 from lqf.errors import UserError, require
@@ -142,7 +142,8 @@ def _fit_old(cfg: Mapping[str, Any]) -> train.Classifier:
   clf = new_classifier(dict(cfg, init="finetune", pretrained_workdir=o["pretrained_workdir"]),
                        data.num_classes, seed)
   t = o["finetune"]
-  return finetune.finetune(clf, data, t, seed=seed, train_bn=t["train_bn"])
+  return finetune.finetune(clf, data, t, seed=seed, train_bn=t["train_bn"],
+                           mesh=parallel.mesh_for(cfg))
 
 
 def read_run(workdir: str) -> tuple[str | None, dict[str, Any]]:
@@ -252,7 +253,7 @@ def train_new(cfg: Mapping[str, Any], data: pipeline.ImageSplit, old: Predict, *
   params, stats = train.fit(clf, data, t, seed=seed, augment=cfg["data"]["augment"],
                             train_bn=t["train_bn"], workdir=workdir, stop_at_step=stop_at_step,
                             progress=progress, loss=losses.make_loss(p), extras=extras,
-                            log_name=p["method"])
+                            log_name=p["method"], mesh=parallel.mesh_for(cfg))
   if stop_at_step is not None and stop_at_step < t["steps"]:
     return None
   return predictor(dataclasses.replace(clf, params=params, batch_stats=stats))
@@ -276,7 +277,7 @@ def run(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None
     stored_old_logits(cfg, old, data, None)  # Bad stored outputs fail before any write.
   checkpoint.claim_workdir(workdir, config_lib.to_dict(cfg), command=COMMAND,
                            may_change=("train.checkpoint_every", "train.log_every",
-                                       "train.eval_every"))
+                                       "train.eval_every", "parallel"))
   new = train_new(cfg, data, old, seed=cfg["seed"], workdir=workdir,
                   stop_at_step=stop_at_step, progress=progress)
   if new is None:

@@ -41,8 +41,14 @@ def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     if not builder.is_prepared():
       # Offline: the data ships inside a package. Keep stdout for results.
       tfds.display_progress_bar(False)
-      with contextlib.redirect_stdout(sys.stderr):
-        builder.download_and_prepare()
+      try:
+        with contextlib.redirect_stdout(sys.stderr):
+          builder.download_and_prepare()
+      except FileExistsError:
+        # Another process (a second host on the same disk) finished it first.
+        builder = BUILTIN[name](data_dir=data_dir, file_format="array_record")
+        if not builder.is_prepared():
+          raise
       tfds.display_progress_bar(True)
     return builder
   try:
