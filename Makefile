@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) -m lqf bench accuracy --json results/lqf_accuracy_10shot.json --shots 10
 	$(PY) -m lqf bench accuracy --json results/lqf_accuracy_full.json --shots 0
 	$(PY) -m lqf bench cost --json results/lqf_cost.json
+	$(PY) -m lqf bench throughput --json results/throughput.json
 	$(PY) -m lqf bench solve --json results/lqf_solve.json --shots 5,10
 	$(PY) -m lqf bench solve --json results/lqf_solve_full.json --shots 0 --seeds 3
 	$(PY) -m pc bench --json results/pc.json

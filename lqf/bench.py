@@ -229,6 +229,24 @@ def _time_steps(fns: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str,
   return times
 
 
+def sgd_step_timer(loss: Callable[..., jax.Array], variables: Any, *rest: Any
+                   ) -> tuple[Callable[[], Any], Any]:
+  """(a call of one SGD-with-momentum step of `loss(variables, *rest)`, its compiled
+  executable); the call always starts from the same state, so it can be timed again."""
+  import optax  # pylint: disable=g-import-not-at-top
+  tx = optax.sgd(1e-3, momentum=0.9)
+
+  @jax.jit
+  def step(v, s, *r):
+    g = jax.grad(loss)(v, *r)
+    u, s = tx.update(g, s, v)
+    return optax.apply_updates(v, u), s
+
+  state = tx.init(variables)
+  return (lambda: step(variables, state, *rest)), \
+      step.lower(variables, state, *rest).compile()
+
+
 def cost(*, seeds: int = 5, quick: bool = False, overrides: Sequence[str] = ()
          ) -> dict[str, Any]:
   """Time and memory of one training step, linearized against nonlinear, same batch.
@@ -238,7 +256,6 @@ def cost(*, seeds: int = 5, quick: bool = False, overrides: Sequence[str] = ()
   stage + head on the cached prefix. Each "seed" is one interleaved timing round; the
   ratios are per round, so a slow moment of the machine cancels.
   """
-  import optax  # pylint: disable=g-import-not-at-top
   from lqf import linearize, objective  # pylint: disable=g-import-not-at-top
 
   cfg = config_lib.load(TRANSFER_CONFIG, (QUICK if quick else ()) + tuple(overrides))
@@ -249,34 +266,24 @@ def cost(*, seeds: int = 5, quick: bool = False, overrides: Sequence[str] = ()
   x, y = jnp.asarray(data.images[:64]), jnp.asarray(data.labels[:64])
   clf = finetune.with_new_head(pretrained, pre_cfg["model"], data.num_classes,
                                d["channels"], 0)
-  tx = optax.sgd(1e-3, momentum=0.9)
-
-  def sgd_step(loss, variables, *rest):
-    @jax.jit
-    def step(v, s):
-      g = jax.grad(loss)(v, *rest)
-      u, s = tx.update(g, s, v)
-      return optax.apply_updates(v, u), s
-    state = tx.init(variables)
-    return (lambda: step(variables, state)), step.lower(variables, state).compile()
 
   def ce(params, xb, yb, apply):
     return train.cross_entropy(apply(params, clf.batch_stats, xb), yb)
 
   fns, memory = {}, {}
-  fns["nonlinear_all"], c = sgd_step(lambda p, xb, yb: ce(p, xb, yb, clf.apply),
-                                     clf.params, x, y)
+  fns["nonlinear_all"], c = sgd_step_timer(lambda p, xb, yb: ce(p, xb, yb, clf.apply),
+                                           clf.params, x, y)
   memory["nonlinear_all"] = c.memory_analysis().temp_size_in_bytes
   for scope in ("all", "last_stage"):
     lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, scope)
     h = linearize.prefix_features(lin, x)
     loss = objective.make_loss(lin.apply, loss="mse", k=5.0, lam=1e-4)
-    fns[f"lqf_{scope}"], c = sgd_step(lambda dl, hb, yb, l=loss, s=lin.state: l(dl, s, (hb, yb)),
-                                      lin.zeros(), h, y)
+    fns[f"lqf_{scope}"], c = sgd_step_timer(
+        lambda dl, hb, yb, l=loss, s=lin.state: l(dl, s, (hb, yb)), lin.zeros(), h, y)
     memory[f"lqf_{scope}"] = c.memory_analysis().temp_size_in_bytes
     if scope == "last_stage":
       nonlin = lambda w, hb, yb, l=lin: train.cross_entropy(l.nonlinear(w, l.state, hb), yb)
-      fns["nonlinear_last_stage"], c = sgd_step(nonlin, lin.state["w0"], h, y)
+      fns["nonlinear_last_stage"], c = sgd_step_timer(nonlin, lin.state["w0"], h, y)
       memory["nonlinear_last_stage"] = c.memory_analysis().temp_size_in_bytes
   repeats = 3 if quick else 20
   rounds = [_time_steps(fns, repeats) for _ in range(seeds)]
@@ -335,8 +342,12 @@ def run(name: str, *, json_path: str, seeds: int, quick: bool,
   elif name == "solve":
     from lqf import bench_solve  # pylint: disable=g-import-not-at-top
     result = bench_solve.run(seeds=seeds, quick=quick, shots=shots, overrides=overrides)
+  elif name == "throughput":
+    from lqf import bench_throughput  # pylint: disable=g-import-not-at-top
+    result = bench_throughput.run(seeds=seeds, quick=quick)
   else:
-    raise UserError(f"unknown benchmark {name!r}: use transfer, accuracy, cost or solve")
+    raise UserError(f"unknown benchmark {name!r}: use transfer, accuracy, cost, solve or "
+                    "throughput")
   doc = {"meta": meta(command, range(seeds)), **result}
   atomic_write_json(json_path, doc)
   return doc

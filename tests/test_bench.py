@@ -84,3 +84,18 @@ def test_quick_solve_bench_reports_solvers_and_trainers(tmp_path, pre):
   assert bench_solve._summary_nan([1.0, float("nan"), 3.0]) == {
       "mean": 2.0, "std": pytest.approx(np.sqrt(2.0)), "values": [1.0, None, 3.0],
       "not_reached": 1}
+
+
+def test_quick_throughput_bench_on_8_devices_reports_its_own_ratio(tmp_path):
+  path = str(tmp_path / "tp.json")
+  doc = bench.run("throughput", json_path=path, seeds=2, quick=True)
+  assert json.load(open(path)) == doc
+  assert doc["meta"]["device"].startswith("cpu")
+  d = doc["design"]
+  assert d["devices"] == 8 and d["global_batch"] % 8 == 0  # conftest's 8 fake devices.
+  a = doc["arms"]
+  ratios = [l / n for l, n in zip(a["linearized"]["images_per_second"]["values"],
+                                  a["nonlinear"]["images_per_second"]["values"])]
+  assert a["ratio"]["linearized / nonlinear images per second"]["values"] == \
+      pytest.approx(ratios)
+  assert all(v > 0 for v in a["nonlinear"]["images_per_second"]["values"])
