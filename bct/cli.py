@@ -13,8 +13,10 @@ from lqf.errors import UserError
 def _train(args: argparse.Namespace, overrides: list[str]) -> None:
   from bct import job  # pylint: disable=g-import-not-at-top
   from lqf import config as config_lib  # pylint: disable=g-import-not-at-top
+  from lqf import checkpoint  # pylint: disable=g-import-not-at-top
   cfg = config_lib.load(args.config, overrides)
-  result = job.run(cfg, args.workdir, progress=not args.no_progress)
+  with checkpoint.overwriting(args.overwrite):
+    result = job.run(cfg, args.workdir, progress=not args.no_progress)
   print(job.format_table(result))
   print(f"bct train ({result['method']}) on {result['count']} images; results in "
         f"{args.workdir}")
@@ -50,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
   tr.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
   tr.add_argument("--workdir", required=True, help="checkpoints, metrics, results")
   tr.add_argument("--no_progress", action="store_true", help="no progress bar")
+  tr.add_argument("--overwrite", action="store_true", help=lqf_cli.OVERWRITE_HELP)
   ev = sub.add_parser("eval", help="cross-model retrieval of a finished bct train run")
   ev.add_argument("--workdir", required=True, help="the bct train run")
   ev.add_argument("--independent", default="", help="a bct train run of the same update "

@@ -20,8 +20,10 @@ def _train_job(args: argparse.Namespace, overrides: list[str]) -> None:
     from lqf.job_solve import run as job  # pylint: disable=g-import-not-at-top
   else:
     from lqf.job_finetune import run as job  # pylint: disable=g-import-not-at-top
+  from lqf import checkpoint  # pylint: disable=g-import-not-at-top
   cfg = config_lib.load(args.config, overrides)
-  result = job(cfg, args.workdir, progress=not args.no_progress)
+  with checkpoint.overwriting(args.overwrite):
+    result = job(cfg, args.workdir, progress=not args.no_progress)
   name = args.command + (f" ({result['method']})" if "method" in result else "")
   print(f"{name}: eval accuracy {result['eval']['accuracy']:.4f} on "
         f"{result['eval']['count']} images (train {result['train']['accuracy']:.4f}); "
@@ -91,6 +93,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
 }
 
 
+OVERWRITE_HELP = ("replace a run of another config or command in --workdir (refused "
+                  "without this flag)")
+
+
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m lqf", description=__doc__)
   sub = p.add_subparsers(dest="command", required=True)
@@ -99,16 +105,19 @@ def parser() -> argparse.ArgumentParser:
   pre.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
   pre.add_argument("--workdir", required=True, help="checkpoints, metrics, results")
   pre.add_argument("--no_progress", action="store_true", help="no progress bar")
+  pre.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
   ft = sub.add_parser("finetune", help="adapt a pretrained ResNet to a target task",
                       description="Config overrides: --config.method=nonlinear and so on.")
   ft.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
   ft.add_argument("--workdir", required=True, help="checkpoints, metrics, results")
   ft.add_argument("--no_progress", action="store_true", help="no progress bar")
+  ft.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
   so = sub.add_parser("solve", help="the exact optimum of a config's LQF problem",
                       description="Config overrides: --config.solve.method=kernel and so on.")
   so.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
   so.add_argument("--workdir", required=True, help="where the solution is written")
   so.add_argument("--no_progress", action="store_true", help="no progress output")
+  so.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
   dm = sub.add_parser("demo", help="the main job on the built-in digits")
   dm.add_argument("--workdir", default="runs/demo")
   dm.add_argument("--no_progress", action="store_true", help="no progress bars")

@@ -96,10 +96,17 @@ class MetricsLog:
       f.write(json.dumps(record) + "\n")
 
   def read(self) -> list[dict[str, Any]]:
+    """The records, without a last line that a crash cut short."""
     if not os.path.exists(self.path):
       return []
+    records = []
     with open(self.path) as f:
-      return [json.loads(line) for line in f if line.strip()]
+      for line in f:
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:
+          pass
+    return records
 
 
 def _plain(v: Any) -> Any:

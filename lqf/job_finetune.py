@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from lqf import checkpoint, finetune, linearize, objective, optim, parallel, train
+from lqf import checkpoint, faults, finetune, linearize, objective, optim, parallel, train
 from lqf import config as config_lib
 from lqf.data import pipeline
 from lqf.errors import require
@@ -165,14 +165,17 @@ def _run_lqf(clf: train.Classifier, data: pipeline.ImageSplit, cfg: Mapping[str,
     bar.set_postfix(objective=f"{value:.4g}", refresh=False)
     if step % c["checkpoint_every"] == 0 or step == c["steps"]:
       checkpoint.save(mgr, step, {"delta": delta, "opt_state": opt_state})
+    faults.after_step(step)
 
-  delta, _ = optim.fit(loss, lin.zeros(), lin.state, feats, labels, dict(c, steps=total),
-                       l2=2 * c["lam"], seed=cfg["seed"], callback=on_step, resume=resume,
-                       mesh=mesh)
+  try:
+    delta, _ = optim.fit(loss, lin.zeros(), lin.state, feats, labels, dict(c, steps=total),
+                         l2=2 * c["lam"], seed=cfg["seed"], callback=on_step, resume=resume,
+                         mesh=mesh)
+  finally:  # Also on a diverging run: the last good checkpoint is completed, not lost.
+    bar.close()
+    mgr.wait_until_finished()
+    mgr.close()
   delta = parallel.to_host(delta)
-  bar.close()
-  mgr.wait_until_finished()
-  mgr.close()
   if total < int(c["steps"]):
     return None
   apply = jax.jit(lin.apply)

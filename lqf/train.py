@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from lqf import checkpoint, parallel, resnet
+from lqf import checkpoint, faults, parallel, resnet
 from lqf import config as config_lib
 from lqf.data import pipeline
 from lqf.errors import NonFiniteLossError, UserError, require
@@ -216,39 +216,46 @@ def fit(clf: Classifier, train: pipeline.ImageSplit, t: Mapping[str, Any], *,
   bar = tqdm(total=total, initial=start, desc=log_name, disable=not progress,
              dynamic_ncols=True, file=sys.stderr)
   last_time = time.perf_counter()
-  for step in range(start, total):
-    if stop_at_step is not None and step >= stop_at_step:
-      break
-    images, labels = pipeline.batch_at(train, batch_size=batch_size, step=step, seed=seed,
-                                       augment_cfg=augment)
-    batch_extras = None if extras is None else extras(
-        pipeline.batch_indices(len(train), batch_size, step, seed), images)
-    if mesh is not None:
-      images, labels, batch_extras = parallel.shard_batch((images, labels, batch_extras), mesh)
-    state, metrics = step_fn(state, images, labels, batch_extras)
-    done = step + 1
-    if log is not None and (done % t["log_every"] == 0 or done == total):
-      now = time.perf_counter()
-      log.write(done, split="train", loss=metrics["loss"], accuracy=metrics["accuracy"],
-                lr=float(schedule(done)), seconds_per_step=(now - last_time) / t["log_every"])
-      last_time = now
-    if not np.isfinite(float(metrics["loss"])):
-      raise NonFiniteLossError(f"the training loss became {float(metrics['loss'])} at step {done}: "
-                      "the learning rate is probably too high; lower --config.train.lr "
-                      "(the last good checkpoint is kept)")
-    if evaluation is not None and log is not None and done % t["eval_every"] == 0:
-      ev = evaluate(clf.apply, *parallel.to_host((state["params"], state["batch_stats"])),
-                    evaluation)
-      log.write(done, split="eval", loss=ev["loss"], accuracy=ev["accuracy"])
-      bar.set_postfix(eval_acc=f"{ev['accuracy']:.3f}")
-    if mgr is not None and (done % t["checkpoint_every"] == 0 or done == total):
-      checkpoint.save(mgr, done, state)
-    bar.update(1)
-    bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", refresh=False)
-  bar.close()
-  if mgr is not None:
-    mgr.wait_until_finished()
-    mgr.close()
+  try:
+    for step in range(start, total):
+      if stop_at_step is not None and step >= stop_at_step:
+        break
+      images, labels = pipeline.batch_at(train, batch_size=batch_size, step=step, seed=seed,
+                                         augment_cfg=augment)
+      batch_extras = None if extras is None else extras(
+          pipeline.batch_indices(len(train), batch_size, step, seed), images)
+      if mesh is not None:
+        images, labels, batch_extras = parallel.shard_batch((images, labels, batch_extras),
+                                                            mesh)
+      state, metrics = step_fn(state, images, labels, batch_extras)
+      done = step + 1
+      if log is not None and (done % t["log_every"] == 0 or done == total):
+        now = time.perf_counter()
+        log.write(done, split="train", loss=metrics["loss"], accuracy=metrics["accuracy"],
+                  lr=float(schedule(done)), seconds_per_step=(now - last_time) / t["log_every"])
+        last_time = now
+      if not np.isfinite(float(metrics["loss"])):
+        raise NonFiniteLossError(
+            f"the training loss became {float(metrics['loss'])} at step {done}: the learning "
+            "rate is probably too high; lower --config.train.lr (the last good checkpoint "
+            "is kept)")
+      if evaluation is not None and log is not None and done % t["eval_every"] == 0:
+        ev = evaluate(clf.apply, *parallel.to_host((state["params"], state["batch_stats"])),
+                      evaluation)
+        log.write(done, split="eval", loss=ev["loss"], accuracy=ev["accuracy"])
+        bar.set_postfix(eval_acc=f"{ev['accuracy']:.3f}")
+      if mgr is not None and (done % t["checkpoint_every"] == 0 or done == total):
+        checkpoint.save(mgr, done, state)
+      bar.update(1)
+      bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", refresh=False)
+      faults.after_step(done)
+  finally:
+    # Also when the run stops on an error: a checkpoint being written is completed, so
+    # the last good one stays readable.
+    bar.close()
+    if mgr is not None:
+      mgr.wait_until_finished()
+      mgr.close()
   if mesh is not None:
     return parallel.to_host((state["params"], state["batch_stats"]))
   return state["params"], state["batch_stats"]

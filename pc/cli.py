@@ -12,8 +12,10 @@ from lqf import cli as lqf_cli
 def _train(args: argparse.Namespace, overrides: list[str]) -> None:
   from lqf import config as config_lib  # pylint: disable=g-import-not-at-top
   from pc import job  # pylint: disable=g-import-not-at-top
+  from lqf import checkpoint  # pylint: disable=g-import-not-at-top
   cfg = config_lib.load(args.config, overrides)
-  result = job.run(cfg, args.workdir, progress=not args.no_progress)
+  with checkpoint.overwriting(args.overwrite):
+    result = job.run(cfg, args.workdir, progress=not args.no_progress)
   r = result["eval"]["rates"]
   print(f"pc train ({result['method']}): eval accuracy {result['eval']['accuracy']:.4f} on "
         f"{result['eval']['count']} images; ER_old {100 * r['ER_old']:.2f}%, NFR "
@@ -42,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
   tr.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
   tr.add_argument("--workdir", required=True, help="checkpoints, metrics, results")
   tr.add_argument("--no_progress", action="store_true", help="no progress bar")
+  tr.add_argument("--overwrite", action="store_true", help=lqf_cli.OVERWRITE_HELP)
   to = sub.add_parser("tradeoff", help="the exact ER-versus-NFR curve of the linearized model",
                       description="Config overrides: --config.tradeoff.rhos=(0,0.5,1) and so on.")
   to.add_argument("--config", required=True, help="configs/<name>.py[:arg]")

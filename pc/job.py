@@ -23,7 +23,7 @@ from lqf import checkpoint, finetune, parallel, train
 from lqf import config as config_lib
 from lqf.data import pipeline
 from lqf.errors import UserError, require
-from lqf.io import atomic_write_json
+from lqf.io import atomic_write_json, is_primary
 from pc import losses, lqf_term, metrics
 
 METHODS = losses.METHODS + ("ensemble",)
@@ -212,7 +212,7 @@ def stored_old_logits(cfg: Mapping[str, Any], old: Predict, data: pipeline.Image
             "infinite values")
     return out.astype(np.float32)
   out = logits_of(old, data.images)
-  if workdir is not None:
+  if workdir is not None and is_primary():
     tmp = os.path.join(workdir, ".tmp-old_logits.npy")
     np.save(tmp, out)
     os.replace(tmp, os.path.join(workdir, "old_logits.npy"))
