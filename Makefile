@@ -19,8 +19,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m lqf demo --workdir runs/demo
 
+# Two pytest-xdist workers: most tests are single-threaded (compiles, tiny models).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 bench: $(STAMP)
 	$(PY) -m lqf bench transfer --json results/transfer.json

@@ -15,8 +15,13 @@ import tempfile
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-_CACHE = tempfile.mkdtemp(prefix="graceful-jax-cache-")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# `make test` runs two pytest-xdist workers; they inherit the cache of the process that
+# started them (which removes it at exit) and share it.
+_CACHE = os.environ.get("GRACEFUL_TEST_JAX_CACHE", "")
+if not _CACHE:
+  _CACHE = tempfile.mkdtemp(prefix="graceful-jax-cache-")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ["GRACEFUL_TEST_JAX_CACHE"] = _CACHE
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"

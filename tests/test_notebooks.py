@@ -15,6 +15,8 @@ def test_there_are_notebooks():
   assert NOTEBOOKS
 
 
+# One worker runs them all: they share the quick pretrained runs under runs/.
+@pytest.mark.xdist_group("notebooks")
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, tmp_path, monkeypatch):
   monkeypatch.setenv("GRACEFUL_NOTEBOOK_QUICK", "1")

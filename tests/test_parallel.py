@@ -9,6 +9,7 @@ margin on these runs (the measured largest differences are about 1e-6).
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -91,11 +92,17 @@ def _pretrain(workdir, *extra):
   return train.pretrain(cfg, workdir, progress=False)
 
 
-def test_pretraining_on_8_devices_equals_one(tmp_path):
-  one = _pretrain(str(tmp_path / "one"))
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+  """The tiny pretraining run on one device: (workdir, final metrics)."""
+  workdir = str(tmp_path_factory.mktemp("one") / "run")
+  return workdir, _pretrain(workdir)
+
+
+def test_pretraining_on_8_devices_equals_one(one_device, tmp_path):
   eight = _pretrain(str(tmp_path / "eight"), "parallel.devices=8")
-  _assert_results_close(one, eight)
-  _assert_close(_latest_state(str(tmp_path / "one")), _latest_state(str(tmp_path / "eight")))
+  _assert_results_close(one_device[1], eight)
+  _assert_close(_latest_state(one_device[0]), _latest_state(str(tmp_path / "eight")))
 
 
 def _finetune_cfg(pretrained, *extra):
@@ -187,14 +194,12 @@ def test_a_state_saved_on_8_devices_restores_on_2_and_1(tmp_path):
   mgr.close()
 
 
-def test_a_run_started_on_8_devices_resumes_on_2_then_1(tmp_path):
-  _pretrain(str(tmp_path / "full"))
+def test_a_run_started_on_8_devices_resumes_on_2_then_1(one_device, tmp_path):
   cut = str(tmp_path / "cut")
   _pretrain(cut, "parallel.devices=8", "train.checkpoint_every=1", "train.steps=4")
   # The checkpoints of the 8-device run are rewound to step 1, then the run goes on on 2
   # devices to step 3 and on one to the end.
   for step in (4, 3, 2):
-    import shutil  # pylint: disable=g-import-not-at-top
     shutil.rmtree(os.path.join(cut, "checkpoints", str(step)))
   cfg_cut = ["parallel.devices=2", "train.checkpoint_every=1"]
   train.pretrain(_load("digits_pretrain.py", "model.width=4", "data.image_size=8",
@@ -202,8 +207,8 @@ def test_a_run_started_on_8_devices_resumes_on_2_then_1(tmp_path):
                        "train.log_every=1", *cfg_cut), cut, stop_at_step=3, progress=False)
   assert sorted(int(s) for s in os.listdir(os.path.join(cut, "checkpoints"))) == [1, 2, 3]
   resumed = _pretrain(cut, "train.checkpoint_every=1")
-  _assert_results_close(json.load(open(tmp_path / "full" / "final_metrics.json")), resumed)
-  _assert_close(_latest_state(str(tmp_path / "full")), _latest_state(cut))
+  _assert_results_close(one_device[1], resumed)
+  _assert_close(_latest_state(one_device[0]), _latest_state(cut))
 
 
 # --- two processes ------------------------------------------------------------------------
@@ -215,7 +220,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_of_4_devices_train_like_one_process_of_8(tmp_path):
+def test_two_processes_of_4_devices_train_like_one_process(one_device, tmp_path):
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   base = [sys.executable, "-m", "lqf", "pretrain", "--config", "configs/digits_pretrain.py",
@@ -232,10 +237,9 @@ def test_two_processes_of_4_devices_train_like_one_process_of_8(tmp_path):
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err
-  one = _pretrain(str(tmp_path / "one"), "parallel.devices=8")
-  _assert_results_close(one, json.load(open(tmp_path / "two" / "final_metrics.json")))
+  _assert_results_close(one_device[1], json.load(open(tmp_path / "two" / "final_metrics.json")))
   # Restored through the library, which hands orbax the layout of this process.
-  _, a = train.load_pretrained(str(tmp_path / "one"))
+  _, a = train.load_pretrained(one_device[0])
   _, b = train.load_pretrained(str(tmp_path / "two"))
   _assert_close((a.params, a.batch_stats), (b.params, b.batch_stats))
   # Only the first process writes the metrics: each step once.
