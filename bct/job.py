@@ -105,28 +105,11 @@ def load_data(cfg: Mapping[str, Any]) -> tuple[pipeline.ImageSplit, pipeline.Ima
 
 # --- Models. ---------------------------------------------------------------------------------
 
-_PRETRAINED: dict[tuple[str, float], tuple[dict[str, Any], train.Classifier]] = {}
-
-
-def pretrained(workdir: str, channels: int) -> tuple[dict[str, Any], train.Classifier]:
-  """A finished pretraining run, restored once per process (again if rewritten)."""
-  path = os.path.abspath(workdir)
-  record = os.path.join(path, checkpoint.CONFIG_FILE)
-  key = (path, os.path.getmtime(record) if os.path.exists(record) else -1.0)
-  if key not in _PRETRAINED:
-    _PRETRAINED[key] = train.load_pretrained(workdir)
-  pre_cfg, clf = _PRETRAINED[key]
-  require(pre_cfg["data"]["channels"] == channels,
-          f"the model in {workdir!r} takes {pre_cfg['data']['channels']}-channel images "
-          f"but data.channels is {channels}")
-  return pre_cfg, clf
-
-
 def new_classifier(spec: Mapping[str, Any], num_classes: int, channels: int, seed: int,
                    head: Mapping[str, Any] | None = None) -> train.Classifier:
   """The backbone of `spec["pretrained_workdir"]` under a fresh `num_classes` head of
   the kind `head` gives ({"head": "linear" | "cosine", "head_scale": s})."""
-  pre_cfg, clf = pretrained(spec["pretrained_workdir"], channels)
+  pre_cfg, clf = train.pretrained_for(spec["pretrained_workdir"], channels)
   model_cfg = dict(pre_cfg["model"], **(head or {}))
   return finetune.with_new_head(clf, model_cfg, num_classes, channels, seed)
 
@@ -323,7 +306,7 @@ def run(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None
 
 
 def _check_dims(cfg: Mapping[str, Any], old_dim: int) -> None:
-  _, clf = pretrained(cfg["new"]["pretrained_workdir"], cfg["data"]["channels"])
+  _, clf = train.pretrained_for(cfg["new"]["pretrained_workdir"], cfg["data"]["channels"])
   new_dim = int(np.shape(clf.params["head"]["kernel"])[0])
   embedding.match_dim(np.zeros((1, new_dim), np.float32), old_dim, cfg["bct"]["dim_rule"])
 

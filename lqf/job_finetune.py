@@ -60,13 +60,7 @@ def check_config(cfg: Mapping[str, Any]) -> None:
 
 def load_pretrained_for(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], train.Classifier]:
   """The pretraining run's config and model, checked against the target data."""
-  pre_cfg, clf = train.load_pretrained(cfg["pretrained_workdir"])
-  channels = pre_cfg["data"]["channels"]
-  require(channels == cfg["data"]["channels"],
-          f"the model in {cfg['pretrained_workdir']!r} was pretrained on {channels}-channel "
-          f"images but data.channels is {cfg['data']['channels']}: set "
-          f"--config.data.channels={channels} or use another pretrained model")
-  return pre_cfg, clf
+  return train.pretrained_for(cfg["pretrained_workdir"], cfg["data"]["channels"])
 
 
 def run(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None,

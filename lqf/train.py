@@ -337,6 +337,27 @@ def load_pretrained(workdir: str) -> tuple[dict[str, Any], Classifier]:
   return cfg, clf
 
 
+_PRETRAINED: dict[tuple[str, float], tuple[dict[str, Any], Classifier]] = {}
+
+
+def pretrained_for(workdir: str, channels: int) -> tuple[dict[str, Any], Classifier]:
+  """`load_pretrained(workdir)`, checked to take `channels`-channel images. Restored once
+  per process (every arm, ensemble member and seed starts from the same run), and again
+  when the run's record has been rewritten. Callers must not change the weights in
+  place (they are shared)."""
+  path = os.path.abspath(workdir)
+  record = os.path.join(path, checkpoint.CONFIG_FILE)
+  key = (path, os.path.getmtime(record) if os.path.exists(record) else -1.0)
+  if key not in _PRETRAINED:
+    _PRETRAINED[key] = load_pretrained(workdir)
+  pre_cfg, clf = _PRETRAINED[key]
+  require(pre_cfg["data"]["channels"] == channels,
+          f"the model in {workdir!r} was pretrained on {pre_cfg['data']['channels']}-channel "
+          f"images but data.channels is {channels}: set --config.data.channels="
+          f"{pre_cfg['data']['channels']} or use another pretrained model")
+  return pre_cfg, clf
+
+
 def restore_final(clf: Classifier, t: Mapping[str, Any], workdir: str) -> Classifier:
   """`clf` with the weights of the finished run in `workdir` (trained with the `t`
   block's optimiser for `t.steps` steps)."""

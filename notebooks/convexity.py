@@ -121,7 +121,7 @@ plt.show()
 # positive semi-definite.
 
 # %%
-iters = 12 if QUICK else 60
+iters = 8 if QUICK else 60
 far = jax.tree.map(lambda d: 1.0 * d, d1)
 spectra = {}
 for name, loss in (("linearized", L_lin), ("nonlinear", L_nonlin)):
@@ -158,7 +158,7 @@ problem = solve.mse_problem(lin.apply, lin.state, lin.zeros(), feats, labels,
 exact = solve.kernel_solve(problem)
 print(f"exact optimum L* = {exact.objective:.6g} (L(0) = {float(L_lin(lin.zeros())):.4g})")
 
-steps = 20 if QUICK else 200
+steps = 10 if QUICK else 200
 curves = {}
 for name, o in (("K-FAC", dict(c)),
                 ("SGD (lr 3e-4)", dict(c, optimizer="sgd", adaptive=False, lr=3e-4)),

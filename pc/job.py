@@ -72,22 +72,8 @@ def load_data(cfg: Mapping[str, Any]) -> tuple[pipeline.ImageSplit, pipeline.Ima
   return data, evaluation
 
 
-_PRETRAINED: dict[tuple[str, float], tuple[dict[str, Any], train.Classifier]] = {}
-
-
 def _pretrained(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], train.Classifier]:
-  # Every new model (each arm, ensemble member and seed) starts from the same run: restore
-  # it from disk once per process, or again if the run's record has been rewritten.
-  workdir = os.path.abspath(cfg["pretrained_workdir"])
-  record = os.path.join(workdir, checkpoint.CONFIG_FILE)
-  key = (workdir, os.path.getmtime(record) if os.path.exists(record) else -1.0)
-  if key not in _PRETRAINED:
-    _PRETRAINED[key] = train.load_pretrained(cfg["pretrained_workdir"])
-  pre_cfg, clf = _PRETRAINED[key]
-  require(pre_cfg["data"]["channels"] == cfg["data"]["channels"],
-          f"the model in {cfg['pretrained_workdir']!r} takes {pre_cfg['data']['channels']}-"
-          f"channel images but data.channels is {cfg['data']['channels']}")
-  return pre_cfg, clf
+  return train.pretrained_for(cfg["pretrained_workdir"], cfg["data"]["channels"])
 
 
 def new_classifier(cfg: Mapping[str, Any], num_classes: int, seed: int) -> train.Classifier:

@@ -64,3 +64,14 @@ def pretrained(tmp_path_factory):
       "train.checkpoint_every=4", "train.eval_every=4", "train.log_every=4"])
   train.pretrain(cfg, workdir, progress=False)
   return workdir
+
+
+# Longest first: with two xdist workers, the notebooks (one worker runs them all) and the
+# end-to-end benchmarks and crash tests start early instead of leaving a worker idle at
+# the end.
+_FIRST = ("test_notebooks.py", "test_bench.py", "test_crash.py", "test_parallel.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(_FIRST)))

@@ -91,3 +91,16 @@ def test_a_loss_on_logits_and_embedding_trains_like_its_logits_part(tiny_config)
                    with_features=True)
   _assert_trees_equal(plain, both)
   assert seen and seen[0][-1] == 4 * tiny_config.model.width
+
+
+def test_pretrained_for_restores_once_and_checks_channels(pretrained):
+  a = train.pretrained_for(pretrained, 1)
+  assert train.pretrained_for(pretrained, 1)[1] is a[1]  # Restored once per process.
+  record = os.path.join(pretrained, checkpoint.CONFIG_FILE)
+  stat = os.stat(record)
+  os.utime(record, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+  b = train.pretrained_for(pretrained, 1)  # A rewritten record is read again.
+  assert b[1] is not a[1]
+  _assert_trees_equal(a[1].params, b[1].params)
+  with pytest.raises(UserError, match="pretrained on 1-channel images but data.channels is 3"):
+    train.pretrained_for(pretrained, 3)

@@ -17,7 +17,7 @@ from lqf.data import pipeline
 CONFIGS = {  # config -> (package of its job, overrides that shrink it to a stand-in)
     "imagenet_r50_lqf_cifar100.py": ("lqf.job_finetune", [
         "shots=1", "lqf.steps=2", "lqf.batch_size=64", "lqf.burnin_steps=1",
-        "lqf.checkpoint_every=2"]),
+        "lqf.checkpoint_every=2", "lqf.scope=last_stage"]),
     "imagenet_r50_pc_birds.py": ("pc.job", [
         "old.shots=1", "old.finetune.steps=2", "train.steps=2", "train.checkpoint_every=2",
         "train.eval_every=2", "train.log_every=1"]),
