@@ -86,6 +86,8 @@ def run(*, seeds: int, quick: bool, shots: Sequence[int] | None = None,
   pre_cfg = config_lib.to_dict(config_lib.load(cfg.pretrain_config))
   pretrained = ensure_pretrained(cfg, quick)
   d, c, s = cfg.data, config_lib.to_dict(cfg.lqf), config_lib.to_dict(cfg.solve)
+  if quick:  # A smoke test: the last stage's Jacobian instead of the whole network's.
+    c["scope"] = "last_stage"
   test = pipeline.load_split(d, d.eval_split, corrupted=True)
   raw: dict[str, dict[str, list[float]]] = {}
   curves: dict[str, Any] = {}

@@ -28,21 +28,6 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, override, match):
   assert not workdir.exists()
 
 
-def test_workdir_of_another_architecture(tmp_path):
-  workdir = tmp_path / "run"
-  ok = run("pretrain", "--config", CONFIG, "--workdir", str(workdir), "--no_progress", *TINY)
-  assert ok.returncode == 0, ok.stderr
-  assert "eval accuracy" in ok.stdout
-  before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
-  proc = run("pretrain", "--config", CONFIG, "--workdir", str(workdir), *TINY,
-             "--config.model.depth=32")
-  _assert_one_line_error(proc, "different architecture")
-  assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
-  # The same command again reuses the finished run.
-  again = run("pretrain", "--config", CONFIG, "--workdir", str(workdir), "--no_progress", *TINY)
-  assert again.returncode == 0 and again.stdout == ok.stdout
-
-
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("")

@@ -156,8 +156,13 @@ def test_another_run_is_replaced_only_with_overwrite(tmp_path):
   workdir = str(tmp_path / "run")
   base = ["pretrain", "--config", "configs/digits_pretrain.py", "--workdir", workdir,
           "--no_progress", *PRETRAIN, "--config.train.steps=2"]
-  assert run_cli(*base).returncode == 0
+  first = run_cli(*base)
+  assert first.returncode == 0 and "eval accuracy" in first.stdout
+  again = run_cli(*base)  # The same command again reuses the finished run.
+  assert again.returncode == 0 and again.stdout == first.stdout
   before = {p: os.path.getmtime(os.path.join(workdir, p)) for p in os.listdir(workdir)}
+  assert_one_line_error(run_cli(*base, "--config.model.depth=32"),
+                        "holds a checkpoint of a different architecture (model.depth differ)")
   other = base + ["--config.train.lr=0.01"]
   assert_one_line_error(run_cli(*other), "--overwrite to replace it")
   assert {p: os.path.getmtime(os.path.join(workdir, p)) for p in os.listdir(workdir)} == before

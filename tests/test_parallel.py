@@ -127,17 +127,27 @@ def test_exact_solvers_data_passes_on_8_devices_equal_one(pretrained, tmp_path):
   # products agree to 1e-15, yet 30 iterations on this ill-conditioned problem end 3e-4
   # apart), so its comparison stops after 5 iterations; the kernel solve is direct.
   out = {}
-  for n in (1, 8):
-    for method in ("cg", "kernel"):
-      cfg = _finetune_cfg(pretrained, f"parallel.devices={n}", f"solve.method={method}",
-                          "solve.float64=True", "solve.max_iters=5", "solve.batch_size=12")
-      out[n, method] = job_solve.run(cfg, str(tmp_path / f"{method}{n}"), progress=False)
-  for method in ("cg", "kernel"):
-    a, b = out[1, method], out[8, method]
-    assert a["objective"] == pytest.approx(b["objective"], rel=1e-6)
-    assert a["eval"] == b["eval"] and a["iterations"] == b["iterations"]
-    _assert_close(_latest_state(str(tmp_path / f"{method}1"), "solution"),
-                  _latest_state(str(tmp_path / f"{method}8"), "solution"))
+  for n in (1, 8):  # The `solve` command, CG.
+    cfg = _finetune_cfg(pretrained, f"parallel.devices={n}", "solve.method=cg",
+                        "solve.float64=True", "solve.max_iters=5", "solve.batch_size=12")
+    out[n] = job_solve.run(cfg, str(tmp_path / f"cg{n}"), progress=False)
+  assert out[1]["objective"] == pytest.approx(out[8]["objective"], rel=1e-6)
+  assert out[1]["eval"] == out[8]["eval"] and out[1]["iterations"] == out[8]["iterations"]
+  _assert_close(_latest_state(str(tmp_path / "cg1"), "solution"),
+                _latest_state(str(tmp_path / "cg8"), "solution"))
+  # The kernel solve, through the function the command calls.
+  cfg = _finetune_cfg(pretrained, "solve.method=kernel", "solve.float64=True",
+                      "solve.batch_size=12")
+  pre_cfg, clf = job_finetune.load_pretrained_for(cfg)
+  from lqf import finetune  # pylint: disable=g-import-not-at-top
+  from lqf.data import pipeline  # pylint: disable=g-import-not-at-top
+  data = pipeline.load_split(cfg.data, cfg.data.train_split, corrupted=True, shots=4)
+  clf = finetune.with_new_head(clf, pre_cfg["model"], data.num_classes, 1, 0)
+  sols = [job_solve.exact_optimum(clf, data.images, data.labels, data.num_classes, cfg.lqf,
+                                  cfg.solve, mesh=mesh)[0]
+          for mesh in (None, parallel.make_mesh(8))]
+  assert sols[0].objective == pytest.approx(sols[1].objective, rel=1e-6)
+  _assert_close(sols[0].delta, sols[1].delta)
 
 
 def _pc_overrides(pretrained):
