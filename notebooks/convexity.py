@@ -55,7 +55,7 @@ if not os.path.exists("configs"):  # Opened from notebooks/: work from the repos
 # %%
 cfg = config_lib.load("configs/digits_transfer.py")
 pre = config_lib.load(cfg.pretrain_config,
-                      ["train.steps=40", "train.checkpoint_every=40"] if QUICK else [])
+                      ["train.steps=20", "train.checkpoint_every=20"] if QUICK else [])
 workdir = "runs/notebook_quick_pretrain" if QUICK else cfg.pretrain_workdir
 if QUICK:
   pre.model.width = 8
@@ -88,7 +88,7 @@ print(f"{len(labels)} images, {num_params} linearized weights")
 # %%
 d1 = convexity.random_direction(lin.zeros(), 1, reference=lin.state["w0"])
 d2 = convexity.random_direction(lin.zeros(), 2, reference=lin.state["w0"])
-alphas = np.linspace(-1.0, 1.0, 11 if QUICK else 41)
+alphas = np.linspace(-1.0, 1.0, 7 if QUICK else 41)
 line_lin = convexity.slice_1d(L_lin, lin.zeros(), d1, alphas)
 line_nonlin = convexity.slice_1d(L_nonlin, lin.zeros(), d1, alphas)
 curv_lin = convexity.curvature_along(line_lin, alphas)
@@ -97,7 +97,7 @@ print(f"second differences along d1, linearized: {curv_lin.min():.4g} .. {curv_l
 print(f"second differences along d1, nonlinear:  {curv_nonlin.min():.4g} .. {curv_nonlin.max():.4g}")
 assert np.allclose(curv_lin, curv_lin.mean(), rtol=1e-2)  # A parabola, up to float32.
 
-grid = np.linspace(-1.0, 1.0, 7 if QUICK else 25)
+grid = np.linspace(-1.0, 1.0, 5 if QUICK else 25)
 surf_lin = convexity.slice_2d(L_lin, lin.zeros(), d1, d2, grid, grid)
 surf_nonlin = convexity.slice_2d(L_nonlin, lin.zeros(), d1, d2, grid, grid)
 
