@@ -55,7 +55,7 @@ if not os.path.exists("configs"):  # Opened from notebooks/: work from the repos
 # %%
 cfg = config_lib.load("configs/digits_transfer.py")
 pre = config_lib.load(cfg.pretrain_config,
-                      ["train.steps=20", "train.checkpoint_every=20"] if QUICK else [])
+                      ["train.steps=40", "train.checkpoint_every=40"] if QUICK else [])
 workdir = "runs/notebook_quick_pretrain" if QUICK else cfg.pretrain_workdir
 if QUICK:
   pre.model.width = 8
