@@ -131,6 +131,17 @@ def shard_batch(tree: PyTree, mesh: Mesh) -> PyTree:
 
 
 def to_host(tree: PyTree) -> PyTree:
-  """Replicated arrays as numpy on this host (for evaluation and export)."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array)
-                      else np.asarray(x), tree)
+  """Every leaf as a whole numpy array on this host (for evaluation and export): a
+  replicated array's local copy, a sharded one gathered (across hosts if need be)."""
+
+  def host(x):
+    if not isinstance(x, jax.Array):
+      return np.asarray(x)
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    if x.is_fully_addressable:
+      return np.asarray(x)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(host, tree)
