@@ -1,11 +1,11 @@
-"""Backward-compatible representation learning: new embedding models whose queries can
-search an old model's gallery without a backfill (Shen et al., CVPR 2020).
+"""Backward-compatible embeddings: cross-model retrieval (CMC, mAP, the compatibility
+criterion, the update gain), the influence loss through the old classifier, and
+compatibility as a quadratic term of the LQF problem. `bct.experiments` holds the jobs,
+the benchmark and the command line; nothing here imports it."""
 
-- `bct.embedding`: matching embedding sizes (truncate or pad) and normalisation.
-- `bct.retrieval`: CMC top-k and mAP across models, in bounded memory; the
-  compatibility criterion and the update gain.
-- `bct.losses`: the influence loss through the old head (synthesized weights for new
-  classes), L2 regression and independent training.
-- `bct.lqf_term`: compatibility as a quadratic term of the LQF objective, solved exactly.
-- `python -m bct train | eval | curve | bench`: the jobs (`bct.cli`).
-"""
+import bct.embedding as embedding
+import bct.losses as losses
+import bct.lqf_term as lqf_term
+import bct.retrieval as retrieval
+
+__all__ = ["embedding", "losses", "lqf_term", "retrieval"]

@@ -1,5 +1,5 @@
 import sys
 
-from bct.cli import main
+from bct.experiments.cli import main
 
 sys.exit(main())

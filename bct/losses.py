@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bct import embedding
-from lqf import resnet, train
+import bct.embedding as embedding
 from lqf.errors import UserError, require
+import lqf.models.resnet as resnet
+import lqf.runtime.train as train
 
 METHODS = ("independent", "l2", "bct")
 SYNTH_NORMS = ("none", "match")

@@ -15,21 +15,22 @@ the two terms equally (BCT's λ = 1), ρ = 1 keeps only the old head's wish.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
-from jax.flatten_util import ravel_pytree
 
-from bct import embedding, losses
-from lqf import solve
+import bct.embedding as embedding
+import bct.losses as losses
 from lqf.errors import UserError, require
 from lqf.linearize import LinState
+import lqf.solve as solve
 
 PyTree = Any
 

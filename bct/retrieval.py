@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from bct import embedding
+import bct.embedding as embedding
 from lqf.errors import UserError, require
 
 _EXCLUDED = np.iinfo(np.uint64).max

@@ -1,5 +1,5 @@
 import sys
 
-from lqf.cli import main
+from lqf.experiments.cli import main
 
 sys.exit(main())

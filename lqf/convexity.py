@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 PyTree = Any
 Loss = Callable[[PyTree], jax.Array]

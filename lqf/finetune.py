@@ -4,36 +4,44 @@ model without adaptation)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
+import dataclasses
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh
+import numpy as np
+import optax
 
-from lqf import train
-from lqf.data import pipeline
+import lqf.data.pipeline as pipeline
+import lqf.linearize as linearize
+from lqf.models.classifier import Classifier, build_classifier
+import lqf.objective as objective
+import lqf.optim as optim
+import lqf.runtime.parallel as parallel
+import lqf.runtime.train as train
+import lqf.solve as solve
 
 PyTree = Any
 
 
-def with_new_head(pretrained: train.Classifier, model_cfg: Mapping[str, Any],
-                  num_classes: int, in_channels: int, seed: int) -> train.Classifier:
+def with_new_head(pretrained: Classifier, model_cfg: Mapping[str, Any],
+                  num_classes: int, in_channels: int, seed: int) -> Classifier:
   """The pretrained backbone under a freshly initialised (non-zero) head.
 
   Built as a new model for `num_classes`, then every weight but the head's is copied
   from `pretrained`, so the label sets of source and target may differ.
   """
-  fresh = train.build_classifier(model_cfg, num_classes, in_channels, seed)
+  fresh = build_classifier(model_cfg, num_classes, in_channels, seed)
   params = dict(pretrained.params, head=fresh.params["head"])
   return dataclasses.replace(fresh, params=params, batch_stats=pretrained.batch_stats)
 
 
-def finetune(clf: train.Classifier, data: pipeline.ImageSplit, t: Mapping[str, Any], *,
+def finetune(clf: Classifier, data: pipeline.ImageSplit, t: Mapping[str, Any], *,
              seed: int, train_bn: bool, augment: Mapping[str, Any] | None = None,
-             mesh: Mesh | None = None) -> train.Classifier:
+             mesh: Mesh | None = None) -> Classifier:
   """Nonlinear fine-tuning of every weight with cross-entropy (`train.fit`)."""
   params, stats = train.fit(clf, data, t, seed=seed, augment=augment, train_bn=train_bn,
                             progress=False, mesh=mesh)
@@ -67,8 +75,8 @@ def fit_linear_probe(features: jax.Array, labels: jax.Array, num_classes: int, *
   return head
 
 
-def linear_probe(clf: train.Classifier, data: pipeline.ImageSplit, p: Mapping[str, Any], *,
-                 seed: int) -> train.Classifier:
+def linear_probe(clf: Classifier, data: pipeline.ImageSplit, p: Mapping[str, Any], *,
+                 seed: int) -> Classifier:
   """Fits `clf`'s head on its frozen features (batch norm on running statistics)."""
   feats = jax.jit(clf.features)(clf.params, clf.batch_stats, data.images)
   head = fit_linear_probe(feats, jnp.asarray(data.labels), data.num_classes, lr=p["lr"],
@@ -76,7 +84,7 @@ def linear_probe(clf: train.Classifier, data: pipeline.ImageSplit, p: Mapping[st
   return dataclasses.replace(clf, params=dict(clf.params, head=head))
 
 
-def lqf(clf: train.Classifier, data: pipeline.ImageSplit, c: Mapping[str, Any], *,
+def lqf(clf: Classifier, data: pipeline.ImageSplit, c: Mapping[str, Any], *,
         seed: int, callback: Callable[[int, PyTree, Any], None] | None = None
         ) -> tuple[Callable[[jax.Array], jax.Array], dict[str, Any]]:
   """Linear quadratic fine-tuning of `clf` (whose head is already the target's).
@@ -85,7 +93,6 @@ def lqf(clf: train.Classifier, data: pipeline.ImageSplit, c: Mapping[str, Any], 
   settings (see `optim.fit`). Returns `predict(images) -> logits` of the linearized
   model at the trained δ, and a record with δ, the loss history and the `Linearized`.
   """
-  from lqf import linearize, objective, optim  # pylint: disable=g-import-not-at-top
 
   lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, c["scope"],
                             batch_norm=c["batch_norm"])
@@ -102,3 +109,58 @@ def lqf(clf: train.Classifier, data: pipeline.ImageSplit, c: Mapping[str, Any], 
 
   return predict, {"delta": delta, "history": history, "linearized": lin, "loss": loss,
                    "features": feats, "labels": labels}
+
+
+def _to_float(tree: PyTree, dtype: Any) -> PyTree:
+  return jax.tree.map(lambda a: jnp.asarray(a, dtype)
+                      if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a, tree)
+
+
+def lqf_problem(clf: Classifier, images: np.ndarray, labels: np.ndarray,
+                num_classes: int, c: Mapping[str, Any], *, dtype: Any,
+                batch_size: int = 256) -> solve.Problem:
+  """The LQF objective of config block `c` on (images, labels), in `dtype` (inside
+  `jax.enable_x64` for float64)."""
+  lin = linearize.linearize(clf.split_at, _to_float(clf.params, dtype),
+                            _to_float(clf.batch_stats, dtype), c["scope"],
+                            batch_norm=c["batch_norm"])
+  feats = linearize.prefix_features(lin, jnp.asarray(images, dtype))
+  return solve.mse_problem(lin.apply, lin.state, lin.zeros(), feats, labels, num_classes,
+                           k=c["k"], lam=c["lam"], batch_size=batch_size)
+
+
+def exact_optimum(clf: Classifier, images: np.ndarray, labels: np.ndarray,
+                  num_classes: int, c: Mapping[str, Any], s: Mapping[str, Any], *,
+                  seed: int = 0, callback: Callable[[int, PyTree, float], None] | None = None,
+                  mesh: Mesh | None = None) -> tuple[solve.Solution, float]:
+  """The minimiser of the LQF objective of config blocks `c` (lqf) and `s` (solve) on
+  (images, labels), its data passes split over `mesh`'s devices. Returns the solution
+  with δ* in float32, and the solve's seconds."""
+  dtype = jnp.float64 if s["float64"] else jnp.float32
+  with jax.enable_x64(bool(s["float64"])):
+    problem = lqf_problem(clf, images, labels, num_classes, c, dtype=dtype,
+                          batch_size=int(s["batch_size"]))
+    problem = solve.on_mesh(problem, mesh)
+    t0 = time.perf_counter()
+    if s["method"] == "cg":
+      pre = (solve.kfac_preconditioner(problem, damping=s["damping"], seed=seed)
+             if s["precondition"] else None)
+      sol = solve.cg(problem, tol=s["tol"], max_iters=int(s["max_iters"]), precondition=pre,
+                     callback=callback)
+    else:
+      sol = solve.kernel_solve(problem, max_bytes=s["max_gb"] * 1e9)
+    seconds = time.perf_counter() - t0
+    delta = parallel.to_host(_to_float(sol.delta, jnp.float32))
+    jax.block_until_ready(delta)
+  return sol._replace(delta=delta), seconds
+
+
+def gap_of(clf: Classifier, images: np.ndarray, labels: np.ndarray, num_classes: int,
+           c: Mapping[str, Any], delta: PyTree, optimum: float, float64: bool = True
+           ) -> tuple[float, float]:
+  """(L(δ), (L(δ) - L*)/|L*|) for a trained δ, evaluated at the solver's precision."""
+  dtype = jnp.float64 if float64 else jnp.float32
+  with jax.enable_x64(float64):
+    problem = lqf_problem(clf, images, labels, num_classes, c, dtype=dtype)
+    value = solve.objective(problem, _to_float(delta, dtype))
+  return value, solve.relative_gap(value, optimum)

@@ -13,8 +13,8 @@ than a closure (closed-over arrays become constants that XLA folds at length).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
+import dataclasses
 from typing import Any
 
 import jax

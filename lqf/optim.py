@@ -9,21 +9,21 @@ and invert them once, instead of tracking a moving average (`curvature="ema"`).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+import warnings
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import kfac_jax
 import numpy as np
 import optax
-from jax.sharding import Mesh
 
-from lqf import parallel
-from lqf.data import pipeline
+import lqf.data.pipeline as pipeline
 from lqf.errors import NonFiniteLossError
 from lqf.linearize import LinState
+import lqf.runtime.parallel as parallel
 
 PyTree = Any
 # kfac-jax donates its batches; a batch sharded over a mesh cannot always be reused in

@@ -24,23 +24,23 @@ Two solvers, which must agree:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import kfac_jax
 import numpy as np
 import scipy.linalg
-from jax.flatten_util import ravel_pytree
-from jax.sharding import Mesh
 
-from lqf import parallel
 from lqf.errors import UserError
 from lqf.linearize import LinState
+import lqf.runtime.parallel as parallel
 
 PyTree = Any
 Outputs = Callable[[PyTree, LinState, jax.Array], jax.Array]  # (δ, state, h [B,...]) -> [B, C]

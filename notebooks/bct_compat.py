@@ -34,14 +34,16 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
-from bct import embedding, job, job_curve, retrieval
-from lqf import bench as lqf_bench
-from lqf import config as config_lib
+from bct import embedding, retrieval
+from bct.experiments import curve as job_curve
+from bct.experiments import train as job
+from lqf.experiments import pretrained_run
+from lqf.runtime import config as config_lib
 
 QUICK = os.environ.get("GRACEFUL_NOTEBOOK_QUICK", "1") == "1"
 if QUICK:
   matplotlib.use("Agg")
-if not os.path.exists("configs"):  # Opened from notebooks/: work from the repository root.
+if os.path.basename(os.getcwd()) == "notebooks":  # Work from the repository root.
   os.chdir("..")
 
 # %% [markdown]
@@ -54,10 +56,10 @@ if not os.path.exists("configs"):  # Opened from notebooks/: work from the repos
 # %%
 def backbone(workdir, overrides):
   quick = ["train.steps=15", "train.checkpoint_every=15", "model.width=4"] if QUICK else []
-  return lqf_bench.pretrained_run(workdir, "configs/digits_pretrain.py",
-                                  list(overrides) + quick)
+  return pretrained_run(workdir, "digits_pretrain",
+                        list(overrides) + quick)
 
-base = config_lib.load("configs/digits_bct.py")
+base = config_lib.load("digits_bct")
 suffix = "_notebook_quick" if QUICK else ""
 new_dir = backbone(base.new.pretrained_workdir + suffix, [])
 old_dir = backbone(base.old.pretrained_workdir + suffix, list(base.old.pretrain_overrides))
@@ -65,7 +67,7 @@ overrides = [f"new.pretrained_workdir={new_dir}", f"old.pretrained_workdir={old_
 if QUICK:
   overrides += ["train.steps=15", "old.finetune.steps=15", "new.shots=5",
                 "bct_lqf.rhos=(0.0,0.5,1.0)", "data.image_size=8"]
-cfg = config_lib.load("configs/digits_bct.py", overrides)
+cfg = config_lib.load("digits_bct", overrides)
 data, evaluation = job.load_data(cfg)
 classes = tuple(range(data.num_classes))
 old = job.old_model(cfg, data.num_classes)

@@ -35,15 +35,16 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
-from lqf import config as config_lib
-from lqf import convexity, finetune, linearize, objective, optim, solve, train
+from lqf import convexity, finetune, linearize, objective, optim, solve
 from lqf.data import pipeline
-from lqf.errors import UserError
+from lqf import UserError
+from lqf.experiments import pretrain
+from lqf.runtime import config as config_lib
 
 QUICK = os.environ.get("GRACEFUL_NOTEBOOK_QUICK", "1") == "1"
 if QUICK:
   matplotlib.use("Agg")
-if not os.path.exists("configs"):  # Opened from notebooks/: work from the repository root.
+if os.path.basename(os.getcwd()) == "notebooks":  # Work from the repository root.
   os.chdir("..")
 
 # %% [markdown]
@@ -53,17 +54,17 @@ if not os.path.exists("configs"):  # Opened from notebooks/: work from the repos
 # shifted, noisy target digits, and 5 labelled images a class.
 
 # %%
-cfg = config_lib.load("configs/digits_transfer.py")
+cfg = config_lib.load("digits_transfer")
 pre = config_lib.load(cfg.pretrain_config,
                       ["train.steps=40", "train.checkpoint_every=40"] if QUICK else [])
 workdir = "runs/notebook_quick_pretrain" if QUICK else cfg.pretrain_workdir
 if QUICK:
   pre.model.width = 8
 try:
-  pre_record, source = train.load_pretrained(workdir)
+  pre_record, source = pretrain.load_pretrained(workdir)
 except UserError:  # No finished run yet: train one.
-  train.pretrain(pre, workdir, progress=False)
-  pre_record, source = train.load_pretrained(workdir)
+  pretrain.pretrain(pre, workdir, progress=False)
+  pre_record, source = pretrain.load_pretrained(workdir)
 
 data = pipeline.load_split(cfg.data, cfg.data.train_split, corrupted=True, shots=5,
                            subset_seed=0)

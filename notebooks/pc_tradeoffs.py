@@ -34,14 +34,16 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
-from lqf import bench as lqf_bench
-from lqf import config as config_lib
-from pc import job, job_tradeoff, metrics, tradeoff
+from lqf.experiments import pretrained_run
+from lqf.runtime import config as config_lib
+from pc import metrics, tradeoff
+from pc.experiments import tradeoff as job_tradeoff
+from pc.experiments import train as job
 
 QUICK = os.environ.get("GRACEFUL_NOTEBOOK_QUICK", "1") == "1"
 if QUICK:
   matplotlib.use("Agg")
-if not os.path.exists("configs"):  # Opened from notebooks/: work from the repository root.
+if os.path.basename(os.getcwd()) == "notebooks":  # Work from the repository root.
   os.chdir("..")
 
 # %% [markdown]
@@ -52,10 +54,10 @@ if not os.path.exists("configs"):  # Opened from notebooks/: work from the repos
 # %%
 def backbone(workdir, overrides):
   quick = ["train.steps=15", "train.checkpoint_every=15", "model.width=4"] if QUICK else []
-  return lqf_bench.pretrained_run(workdir, "configs/digits_pretrain.py",
-                                  list(overrides) + quick)
+  return pretrained_run(workdir, "digits_pretrain",
+                        list(overrides) + quick)
 
-base = config_lib.load("configs/digits_pc.py")
+base = config_lib.load("digits_pc")
 suffix = "_notebook_quick" if QUICK else ""
 new_dir = backbone(base.pretrained_workdir + suffix, [])
 old_dir = backbone(base.old.pretrained_workdir + suffix, list(base.old.pretrain_overrides))
@@ -64,7 +66,7 @@ if QUICK:
   # Tiny models that barely learn: the old logits are used as they are (target=logits).
   overrides += ["train.steps=15", "old.finetune.steps=15", "tradeoff.rhos=(0.0,0.5,1.0)",
                 "data.image_size=8", "pc_lqf.target=logits"]
-cfg = config_lib.load("configs/digits_pc.py", overrides)
+cfg = config_lib.load("digits_pc", overrides)
 data, evaluation = job.load_data(cfg)
 old = job.predictor(job.old_model(cfg, data.num_classes))
 new = job.train_new(cfg, data, old, seed=cfg.seed, method="none")

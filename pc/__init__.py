@@ -1,9 +1,12 @@
-"""Positive-congruent training: model updates that do not break what the old model got
-right (Yan et al., CVPR 2021).
+"""Positive-congruent model updates: flip metrics (ER, NFR, PFR, relative NFR, NFI),
+focal distillation, and the PC wish as a quadratic term of the LQF problem with its
+exact trade-off path. `pc.experiments` holds the jobs, the benchmark and the command
+line; nothing here imports it."""
 
-- `pc.metrics`: error rates and flip rates (ER, NFR, PFR, relative NFR, NFI) from counts.
-- `pc.losses`: focal distillation (KL and logit matching) and naive re-weighting.
-- `pc.lqf_term`: the PC wish as a quadratic term of the LQF objective.
-- `pc.tradeoff`: the exact ER-versus-NFR curve of the linearized model.
-- `python -m pc train | tradeoff | bench`: the jobs (`pc.cli`).
-"""
+import pc.losses as losses
+import pc.lqf_term as lqf_term
+import pc.metrics as metrics
+from pc.metrics import FlipCounts, flip_counts, rates
+import pc.tradeoff as tradeoff
+
+__all__ = ["FlipCounts", "flip_counts", "losses", "lqf_term", "metrics", "rates", "tradeoff"]

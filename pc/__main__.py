@@ -1,5 +1,5 @@
 import sys
 
-from pc.cli import main
+from pc.experiments.cli import main
 
 sys.exit(main())

@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import kfac_jax
 import numpy as np
 
-from lqf import solve
 from lqf.errors import UserError
 from lqf.linearize import LinState
+import lqf.solve as solve
 
 PyTree = Any
 TARGETS = ("affine", "logits")

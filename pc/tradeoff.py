@@ -12,21 +12,21 @@ matrix. Every point of the curve is an exact optimum: nothing is retrained.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
-from jax.flatten_util import ravel_pytree
 
-from lqf import solve
 from lqf.errors import UserError
 from lqf.linearize import LinState
-from pc import lqf_term
+import lqf.solve as solve
+import pc.lqf_term as lqf_term
 
 PyTree = Any
 

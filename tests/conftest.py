@@ -39,12 +39,7 @@ def tfds_data_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_config():
   """The digits pretraining config shrunk to run in seconds."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "digits_pretrain", os.path.join(os.path.dirname(__file__), "..", "configs",
-                                      "digits_pretrain.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  from lqf.experiments.configs import digits_pretrain as mod
   cfg = mod.get_config()
   cfg.model.width = 4
   cfg.data.image_size = 8
@@ -56,13 +51,13 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory):
   """A finished (4-step, 4-channel) digits pretraining run: the workdir."""
-  from lqf import config as config_lib, train
+  from lqf.experiments import pretrain
+  from lqf.runtime import config as config_lib
   workdir = str(tmp_path_factory.mktemp("pre"))
-  cfg = config_lib.load(os.path.join(os.path.dirname(__file__), "..", "configs",
-                                     "digits_pretrain.py"), [
+  cfg = config_lib.load("digits_pretrain", [
       "model.width=4", "data.image_size=8", "train.steps=4", "train.batch_size=32",
       "train.checkpoint_every=4", "train.eval_every=4", "train.log_every=4"])
-  train.pretrain(cfg, workdir, progress=False)
+  pretrain.pretrain(cfg, workdir, progress=False)
   return workdir
 
 

@@ -1,8 +1,8 @@
 """Independent reference computations for the exact solvers' tests."""
 
 import jax
-import numpy as np
 from jax.flatten_util import ravel_pytree
+import numpy as np
 
 
 def dense_optimum(problem):

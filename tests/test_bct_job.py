@@ -1,16 +1,16 @@
 """The BCT jobs end to end on a tiny pretrained model."""
 
 import json
-import os
 
+from cli_helpers import assert_one_line_error, run_cli
 import numpy as np
 import pytest
-from cli_helpers import ROOT, assert_one_line_error, run_cli
 
-from bct import job, job_curve
-from lqf import config as config_lib
-from lqf import train
+from bct.experiments import curve as job_curve
+from bct.experiments import train as job
 from lqf.errors import UserError
+from lqf.experiments import pretrain
+from lqf.runtime import config as config_lib
 
 SPECS = ("new", "old", "hetero.gallery", "hetero.query", "chain.v2", "chain.v3")
 
@@ -26,7 +26,7 @@ def _overrides(pretrained, *, old=None):
 
 
 def _cfg(pretrained, *extra, old=None):
-  return config_lib.load(os.path.join(ROOT, "configs/digits_bct.py"),
+  return config_lib.load("digits_bct",
                          _overrides(pretrained, old=old) + list(extra))
 
 
@@ -35,10 +35,10 @@ def narrow(tmp_path_factory):
   """A finished tiny pretraining run of width 2 (an 8-dimensional embedding, against
   the `pretrained` run's 16)."""
   workdir = str(tmp_path_factory.mktemp("narrow"))
-  cfg = config_lib.load(os.path.join(ROOT, "configs/digits_pretrain.py"), [
+  cfg = config_lib.load("digits_pretrain", [
       "model.width=2", "data.image_size=8", "train.steps=2", "train.batch_size=32",
       "train.checkpoint_every=2", "train.eval_every=2", "train.log_every=2"])
-  train.pretrain(cfg, workdir, progress=False)
+  pretrain.pretrain(cfg, workdir, progress=False)
   return workdir
 
 
@@ -116,7 +116,7 @@ def test_curve_writes_json_csv_png(pretrained, tmp_path):
 ])
 def test_cli_errors(pretrained, narrow, tmp_path, override, match):
   workdir = tmp_path / "w"
-  args = ["train", "--config", "configs/digits_bct.py", "--workdir", str(workdir),
+  args = ["train", "--config", "digits_bct", "--workdir", str(workdir),
           *[f"--config.{o}" for o in _overrides(pretrained, old=narrow)],
           f"--config.{override}"]
   assert_one_line_error(run_cli(*args, module="bct"), match)
@@ -124,7 +124,7 @@ def test_cli_errors(pretrained, narrow, tmp_path, override, match):
 
 
 def test_bench_reports_every_arm_and_its_goals(pretrained, tmp_path):
-  from bct import bench
+  from bct.experiments import bench
   doc = bench.run(json_path=str(tmp_path / "bct.json"), seeds=1,
                   overrides=_overrides(pretrained) + ["train.steps=2"])
   arms = doc["arms"]
@@ -143,7 +143,7 @@ def test_bench_reports_every_arm_and_its_goals(pretrained, tmp_path):
 
 
 def test_a_chain_constrained_by_every_predecessor(pretrained):
-  from bct import bench
+  from bct.experiments import bench
   cfg = config_lib.to_dict(_cfg(pretrained, "chain.mode=all", "train.steps=2"))
   data, evaluation = job.load_data(cfg)
   v1 = job.old_model(cfg, data.num_classes)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from bct import losses
-from lqf import resnet
 from lqf.errors import UserError
+from lqf.models import resnet
 
 
 def _setup(seed=0, n=40, d=6, c=5):

@@ -2,10 +2,10 @@
 
 import dense
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
 
 from bct import losses, lqf_term
 from lqf import solve

@@ -3,29 +3,30 @@ import json
 import numpy as np
 import pytest
 
-from lqf import bench
+from lqf.experiments import bench
+from lqf.experiments.bench import common, transfer
 
 
 def test_summary_is_mean_and_sample_std():
-  s = bench.summary([0.5, 0.7, 0.9])
+  s = common.summary([0.5, 0.7, 0.9])
   assert s["mean"] == np.mean([0.5, 0.7, 0.9])
   assert np.isclose(s["std"], np.std([0.5, 0.7, 0.9], ddof=1))
   assert s["values"] == [0.5, 0.7, 0.9]
-  assert bench.summary([0.3])["std"] == 0.0
+  assert common.summary([0.3])["std"] == 0.0
 
 
 def _arm(mean):
-  return {"accuracy": bench.summary([mean, mean])}
+  return {"accuracy": common.summary([mean, mean])}
 
 
 def test_transfer_goals():
   ok = {"arms": {"finetune@5shot": _arm(0.8), "scratch@5shot": _arm(0.6),
                  "probe@5shot": _arm(0.85), "no_adaptation": _arm(0.99)}}
-  g = bench.transfer_goals(ok)
+  g = transfer.transfer_goals(ok)
   assert g["finetune_beats_scratch_by_10"] and g["best_in_60_95"] and g["best_method"] == 0.85
   bad = {"arms": {"finetune@5shot": _arm(0.65), "scratch@5shot": _arm(0.6),
                   "probe@5shot": _arm(0.97)}}
-  g = bench.transfer_goals(bad)
+  g = transfer.transfer_goals(bad)
   assert not g["finetune_beats_scratch_by_10"] and not g["best_in_60_95"]
 
 
@@ -48,7 +49,7 @@ def test_quick_transfer_bench_writes_the_documented_json(tmp_path, pre):
     assert len(acc["values"]) == 2 and 0 <= acc["mean"] <= 1
     assert np.isclose(acc["mean"], np.mean(acc["values"]))
   assert "best_in_60_95" in on_disk["goals"]
-  assert "finetune@5shot" in bench.format_table(on_disk)
+  assert "finetune@5shot" in common.format_table(on_disk)
 
 
 def test_quick_cost_bench_reports_ratios_of_its_own_timings(tmp_path, pre):
@@ -66,7 +67,7 @@ def test_quick_cost_bench_reports_ratios_of_its_own_timings(tmp_path, pre):
 
 
 def test_quick_solve_bench_reports_solvers_and_trainers(tmp_path, pre):
-  from lqf import bench_solve
+  from lqf.experiments.bench import solve as bench_solve
   doc = bench.run("solve", json_path=str(tmp_path / "s.json"), seeds=1, quick=True,
                   overrides=[pre])
   arms = doc["arms"]
@@ -80,7 +81,7 @@ def test_quick_solve_bench_reports_solvers_and_trainers(tmp_path, pre):
     assert gaps and all(g > -1e-3 for g in gaps)
   assert json.loads((tmp_path / "s.json").read_text())["meta"]["command"].startswith(
       "python -m lqf bench solve")
-  assert "kernel@5shot" in bench.format_table(doc)
+  assert "kernel@5shot" in common.format_table(doc)
   assert bench_solve._summary_nan([1.0, float("nan"), 3.0]) == {
       "mean": 2.0, "std": pytest.approx(np.sqrt(2.0)), "values": [1.0, None, 3.0],
       "not_reached": 1}

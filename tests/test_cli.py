@@ -1,10 +1,10 @@
 """The command line as a user meets it: one-line errors, exit code 2, nothing written."""
 
 
-import pytest
 from cli_helpers import assert_one_line_error, run_cli
+import pytest
 
-CONFIG = "configs/digits_pretrain.py"
+CONFIG = "digits_pretrain"
 TINY = ["--config.model.width=4", "--config.data.image_size=8", "--config.train.steps=2",
         "--config.train.batch_size=16", "--config.train.checkpoint_every=1"]
 
@@ -39,7 +39,8 @@ def test_csv_text_and_atomic_figures(tmp_path):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from lqf import io
+
+  from lqf.runtime import io
   assert io.csv_text([{"a": 1, "b": 2, "c": 3}, {"a": 4, "b": 5}], ["a", "b"]) == \
       "a,b\n1,2\n4,5\n"
   fig, _ = plt.subplots()

@@ -1,9 +1,9 @@
 import pytest
 
-from lqf import config as config_lib
 from lqf.errors import UserError
+from lqf.runtime import config as config_lib
 
-PATH = "configs/digits_pretrain.py"
+PATH = "digits_pretrain"
 
 
 def test_overrides_parse_and_keep_types():
@@ -26,8 +26,15 @@ def test_bad_overrides(item, match):
 
 
 def test_missing_config_file():
-  with pytest.raises(UserError, match="does not exist"):
+  with pytest.raises(UserError, match="neither a file nor the name of a config"):
     config_lib.load("configs/nope.py")
+
+
+def test_configs_are_found_by_name_and_by_path():
+  by_name = config_lib.load("digits_pretrain")
+  by_path = config_lib.load(config_lib.resolve("digits_pretrain"))
+  assert config_lib.to_dict(by_name) == config_lib.to_dict(by_path)
+  assert {"digits_pretrain", "digits_pc", "digits_bct"} <= set(config_lib.available())
 
 
 @pytest.mark.parametrize("key, value, match", [

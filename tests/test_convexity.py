@@ -1,19 +1,20 @@
 """Convexity tools against explicit Hessians, and the shape of both objectives."""
 
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
 
-from lqf import convexity, linearize, objective, solve, train
+from lqf import convexity, linearize, objective, solve
+from lqf.models.classifier import build_classifier
 
 MODEL = dict(arch="cifar", depth=20, width=2, activation="leaky_relu", leaky_slope=0.1)
 
 
 @pytest.fixture(scope="module")
 def setup():
-  clf = train.build_classifier(MODEL, 3, 1, seed=0)
+  clf = build_classifier(MODEL, 3, 1, seed=0)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(12, 6, 6, 1)), jnp.float32)
   labels = jnp.asarray(np.arange(12) % 3)
   lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, "head")
@@ -65,7 +66,7 @@ def test_linearized_hessian_is_twice_the_gauss_newton_matrix(setup):
 
 
 def test_linearized_hessian_is_constant_and_psd_nonlinear_is_not_constant():
-  clf = train.build_classifier(MODEL, 3, 1, seed=0)
+  clf = build_classifier(MODEL, 3, 1, seed=0)
   x = jnp.asarray(np.random.default_rng(4).normal(size=(12, 6, 6, 1)), jnp.float32)
   labels = jnp.asarray(np.arange(12) % 3)
   lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, "all")

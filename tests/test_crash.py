@@ -10,16 +10,18 @@ import signal
 import subprocess
 import sys
 
+from cli_helpers import ROOT, assert_one_line_error, run_cli
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from cli_helpers import ROOT, assert_one_line_error, run_cli
 
-from lqf import checkpoint, faults, train
-from lqf import config as config_lib
 from lqf.errors import UserError
-from lqf.io import MetricsLog
+from lqf.experiments import pretrain
+from lqf.runtime import checkpoint
+from lqf.runtime import config as config_lib
+from lqf.runtime import faults
+from lqf.runtime.io import MetricsLog
 
 STEPS = 6
 PRETRAIN = ["--config.model.width=4", "--config.data.image_size=8",
@@ -36,18 +38,18 @@ def _train_overrides(pretrained):
 
 
 COMMANDS = {  # name -> (module, command and config, overrides given the pretrained run)
-    "pretrain": ("lqf", ["pretrain", "--config", "configs/digits_pretrain.py"],
+    "pretrain": ("lqf", ["pretrain", "--config", "digits_pretrain"],
                  lambda pre: PRETRAIN),
-    "finetune_lqf": ("lqf", ["finetune", "--config", "configs/digits_finetune.py"],
+    "finetune_lqf": ("lqf", ["finetune", "--config", "digits_finetune"],
                      lambda pre: [f"--config.pretrained_workdir={pre}",
                                   "--config.data.image_size=8", "--config.shots=2",
                                   "--config.lqf.scope=last_stage",
                                   f"--config.lqf.steps={STEPS}",
                                   "--config.lqf.checkpoint_every=2"]),
-    "pc": ("pc", ["train", "--config", "configs/digits_pc.py"],
+    "pc": ("pc", ["train", "--config", "digits_pc"],
            lambda pre: [f"--config.pretrained_workdir={pre}", "--config.shots=2",
                         "--config.old.shots=2", *_train_overrides(pre)]),
-    "bct": ("bct", ["train", "--config", "configs/digits_bct.py"],
+    "bct": ("bct", ["train", "--config", "digits_bct"],
             lambda pre: [f"--config.new.pretrained_workdir={pre}", "--config.new.shots=3",
                          "--config.old.shots=3", *_train_overrides(pre)]),
 }
@@ -74,7 +76,7 @@ def test_killed_at_a_random_step_and_rerun_ends_bit_for_bit_like_an_uninterrupte
   why = f"(killed after step {kill_at})"
   full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
   # The uninterrupted run in this process (the same code as `python -m`, warm caches).
-  assert importlib.import_module(f"{module}.cli").main(
+  assert importlib.import_module(f"{module}.experiments.cli").main(
       args + ["--workdir", full, "--no_progress"]) == 0
   killed = _run(module, args + ["--workdir", cut], {faults.KILL_AT_STEP: str(kill_at)})
   assert killed.returncode == -signal.SIGKILL, (why, killed.stderr)
@@ -95,7 +97,7 @@ def test_killed_at_a_random_step_and_rerun_ends_bit_for_bit_like_an_uninterrupte
 
 
 def _tiny_cfg(*extra):
-  return config_lib.load(os.path.join(ROOT, "configs/digits_pretrain.py"),
+  return config_lib.load("digits_pretrain",
                          [o.removeprefix("--config.") for o in PRETRAIN] + list(extra))
 
 
@@ -109,11 +111,11 @@ def _truncate_files(directory):
 
 
 def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capfd):
-  train.pretrain(_tiny_cfg(), str(tmp_path / "full"), progress=False)
+  pretrain.pretrain(_tiny_cfg(), str(tmp_path / "full"), progress=False)
   cut = str(tmp_path / "cut")
-  train.pretrain(_tiny_cfg(), cut, stop_at_step=5, progress=False)  # Checkpoints 2, 4.
+  pretrain.pretrain(_tiny_cfg(), cut, stop_at_step=5, progress=False)  # Checkpoints 2, 4.
   _truncate_files(os.path.join(cut, "checkpoints", "4"))
-  resumed = train.pretrain(_tiny_cfg(), cut, progress=False)
+  resumed = pretrain.pretrain(_tiny_cfg(), cut, progress=False)
   assert "checkpoint at step 4" in capfd.readouterr().err
   assert resumed == json.load(open(tmp_path / "full" / "final_metrics.json"))
   for x, y in zip(jax.tree.leaves(_latest(str(tmp_path / "full"))[1]),
@@ -123,11 +125,11 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before(tmp_path, ca
 
 def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
   cut = str(tmp_path / "cut")
-  train.pretrain(_tiny_cfg(), cut, stop_at_step=5, progress=False)
+  pretrain.pretrain(_tiny_cfg(), cut, stop_at_step=5, progress=False)
   for step in ("2", "4"):
     _truncate_files(os.path.join(cut, "checkpoints", step))
   with pytest.raises(UserError, match="no checkpoint in .* can be restored"):
-    train.pretrain(_tiny_cfg(), cut, progress=False)
+    pretrain.pretrain(_tiny_cfg(), cut, progress=False)
 
 
 def test_a_checkpoint_with_nan_is_refused(tmp_path):
@@ -154,7 +156,7 @@ def test_metrics_log_skips_a_line_cut_short_by_a_crash(tmp_path):
 
 def test_another_run_is_replaced_only_with_overwrite(tmp_path):
   workdir = str(tmp_path / "run")
-  base = ["pretrain", "--config", "configs/digits_pretrain.py", "--workdir", workdir,
+  base = ["pretrain", "--config", "digits_pretrain", "--workdir", workdir,
           "--no_progress", *PRETRAIN, "--config.train.steps=2"]
   first = run_cli(*base)
   assert first.returncode == 0 and "eval accuracy" in first.stdout
@@ -184,7 +186,7 @@ def test_another_run_is_replaced_only_with_overwrite(tmp_path):
 
 def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path,
                                                                        monkeypatch):
-  from lqf import io  # pylint: disable=g-import-not-at-top
+  from lqf.runtime import io  # pylint: disable=g-import-not-at-top
   path = tmp_path / "final_metrics.json"
   io.atomic_write_json(str(path), {"accuracy": 0.5})
 
@@ -204,8 +206,8 @@ def test_package_code_writes_files_only_through_temporary_names():
   short by a crash is skipped when read). A direct write elsewhere fails this test."""
   import re  # pylint: disable=g-import-not-at-top
   direct = re.compile(r"open\([^)]*['\"][wa]b?['\"]|\.savefig\(|np\.save\(|json\.dump\(")
-  allowed = {("lqf/io.py", "open"), ("lqf/io.py", ".savefig("),
-             ("pc/job.py", "np.save(")}  # pc/job.py saves to .tmp-old_logits.npy, renames.
+  allowed = {("lqf/runtime/io.py", "open"), ("lqf/runtime/io.py", ".savefig("),
+             ("pc/experiments/train.py", "np.save(")}  # it saves to .tmp-old_logits.npy, renames.
   found = []
   for package in ("lqf", "pc", "bct"):
     for root, _, files in os.walk(os.path.join(ROOT, package)):

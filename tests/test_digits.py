@@ -1,6 +1,6 @@
 import numpy as np
-import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
+import tensorflow_datasets as tfds
 
 from lqf.data import digits
 

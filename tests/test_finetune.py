@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from lqf import finetune, train
+from lqf import finetune
 from lqf.data import pipeline
+from lqf.models.classifier import build_classifier
+from lqf.runtime import train
 
 MODEL = dict(arch="cifar", depth=20, width=4, activation="leaky_relu", leaky_slope=0.1)
 
@@ -34,7 +36,7 @@ def test_linear_probe_reaches_the_logistic_regression_optimum():
 
 
 def test_with_new_head_keeps_the_backbone_and_changes_the_label_set():
-  pre = train.build_classifier(MODEL, 10, 1, seed=0)
+  pre = build_classifier(MODEL, 10, 1, seed=0)
   new = finetune.with_new_head(pre, MODEL, num_classes=4, in_channels=1, seed=1)
   assert new.params["head"]["kernel"].shape == (16, 4)
   assert float(jnp.abs(new.params["head"]["kernel"]).sum()) > 0
@@ -49,7 +51,7 @@ def test_with_new_head_keeps_the_backbone_and_changes_the_label_set():
 @pytest.mark.parametrize("train_bn", [False, True])
 def test_finetune_fits_the_data_and_respects_frozen_batch_norm(train_bn):
   data = _data()
-  clf = train.build_classifier(MODEL, data.num_classes, 1, seed=0)
+  clf = build_classifier(MODEL, data.num_classes, 1, seed=0)
   t = dict(optimizer="adam", lr=3e-3, momentum=0.9, weight_decay=0.0, batch_size=40,
            steps=60, warmup_steps=0, checkpoint_every=100, eval_every=100, log_every=100)
   before = train.evaluate(clf.apply, clf.params, clf.batch_stats, data)
@@ -63,7 +65,7 @@ def test_finetune_fits_the_data_and_respects_frozen_batch_norm(train_bn):
 
 def test_linear_probe_trains_only_the_head():
   data = _data()
-  clf = train.build_classifier(MODEL, data.num_classes, 1, seed=0)
+  clf = build_classifier(MODEL, data.num_classes, 1, seed=0)
   out = finetune.linear_probe(clf, data, dict(lr=0.05, weight_decay=1e-4, steps=300), seed=0)
   for k in clf.params:
     if k != "head":

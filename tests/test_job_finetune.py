@@ -3,19 +3,18 @@
 import json
 import os
 
+from cli_helpers import assert_one_line_error, run_cli
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from cli_helpers import ROOT, assert_one_line_error, run_cli
 
-from lqf import config as config_lib
-from lqf import job_finetune
 from lqf.errors import UserError
-
+from lqf.experiments import finetune as job_finetune
+from lqf.runtime import config as config_lib
 
 
 def _cfg(pretrained, *extra):
-  return config_lib.load(os.path.join(ROOT, "configs/digits_finetune.py"), [
+  return config_lib.load("digits_finetune", [
       f"pretrained_workdir={pretrained}", "data.image_size=8", "shots=2",
       "lqf.scope=last_stage", "lqf.steps=4", "lqf.checkpoint_every=2",
       "finetune.steps=4", "finetune.checkpoint_every=2", "finetune.log_every=1",
@@ -66,7 +65,7 @@ def test_mismatched_channels_are_refused(pretrained, tmp_path):
 ])
 def test_cli_errors(pretrained, tmp_path, override, match):
   workdir = tmp_path / "w"
-  args = ["finetune", "--config", "configs/digits_finetune.py", "--workdir", str(workdir),
+  args = ["finetune", "--config", "digits_finetune", "--workdir", str(workdir),
           f"--config.pretrained_workdir={pretrained}", f"--config.{override}"]
   assert_one_line_error(run_cli(*args), match)
   assert not workdir.exists()

@@ -1,21 +1,21 @@
 """The exact-solve job and the fine-tuning job's optimality gap, on a tiny model."""
 
 import json
-import os
 
+from cli_helpers import assert_one_line_error, run_cli
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from cli_helpers import ROOT, assert_one_line_error, run_cli
 
-from lqf import config as config_lib
-from lqf import job_finetune, job_solve
-
+from lqf.experiments import finetune as job_finetune
+from lqf.experiments import pretrain
+from lqf.experiments import solve as job_solve
+from lqf.runtime import config as config_lib
 
 
 def _cfg(pretrained, *extra):
-  return config_lib.load(os.path.join(ROOT, "configs/digits_finetune.py"), [
+  return config_lib.load("digits_finetune", [
       f"pretrained_workdir={pretrained}", "data.image_size=8", "shots=2",
       "lqf.scope=last_stage", "lqf.steps=40", "lqf.checkpoint_every=40", *extra])
 
@@ -43,15 +43,16 @@ def test_solvers_agree_and_training_approaches_the_optimum(pretrained, tmp_path)
   assert o["optimum"] == pytest.approx(by_kernel["objective"], rel=1e-6)
   # A lower bound (up to float32) that training approaches: far below δ = 0's gap.
   import jax.numpy as jnp
-  from lqf import finetune, linearize, train
+
+  from lqf import finetune, linearize
   from lqf.data import pipeline
   cfg = _cfg(pretrained)
-  pre_cfg, pre = train.load_pretrained(pretrained)
+  pre_cfg, pre = pretrain.load_pretrained(pretrained)
   data = pipeline.load_split(cfg.data, cfg.data.train_split, corrupted=True, shots=2,
                              subset_seed=0)
   clf = finetune.with_new_head(pre, pre_cfg["model"], 10, 1, 0)
   zero = jax.tree.map(jnp.zeros_like, linearize.linearized_subtree(clf.params, "last_stage"))
-  _, gap0 = job_solve.gap_of(clf, data.images, data.labels, 10, cfg.lqf, zero, o["optimum"])
+  _, gap0 = finetune.gap_of(clf, data.images, data.labels, 10, cfg.lqf, zero, o["optimum"])
   assert -1e-4 <= o["relative_gap"] < gap0 / 10
   assert json.load(open(tmp_path / "ft" / "final_metrics.json"))["optimality"] == o
 
@@ -65,7 +66,7 @@ def test_solvers_agree_and_training_approaches_the_optimum(pretrained, tmp_path)
 def test_solve_cli_errors(pretrained, tmp_path, override, match):
   workdir = tmp_path / "w"
   extra = ["--config.solve.method=kernel"] if "max_gb" in override else []
-  args = ["solve", "--config", "configs/digits_finetune.py", "--workdir", str(workdir),
+  args = ["solve", "--config", "digits_finetune", "--workdir", str(workdir),
           f"--config.pretrained_workdir={pretrained}", "--config.data.image_size=8",
           f"--config.{override}", *extra]
   assert_one_line_error(run_cli(*args), match)

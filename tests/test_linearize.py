@@ -3,12 +3,13 @@
 import collections
 
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
 
-from lqf import linearize, objective, optim, train
+from lqf import linearize, objective, optim
+from lqf.models.classifier import build_classifier
 
 MODEL = dict(arch="cifar", depth=20, width=2, activation="leaky_relu", leaky_slope=0.1)
 N, C, SIZE = 8, 3, 6
@@ -16,7 +17,7 @@ N, C, SIZE = 8, 3, 6
 
 @pytest.fixture(scope="module")
 def net():
-  clf = train.build_classifier(MODEL, C, 1, seed=0)
+  clf = build_classifier(MODEL, C, 1, seed=0)
   # Non-trivial running statistics, as after pretraining.
   x = jnp.asarray(np.random.default_rng(0).normal(size=(16, SIZE, SIZE, 1)), jnp.float32)
   _, stats = clf.train_apply(clf.params, clf.batch_stats, x)

@@ -4,8 +4,8 @@ import glob
 import os
 
 import jupytext
-import pytest
 from nbclient import NotebookClient
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.py")))

@@ -14,15 +14,19 @@ import socket
 import subprocess
 import sys
 
+from cli_helpers import ROOT
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from cli_helpers import ROOT
 
-from lqf import checkpoint, job_finetune, job_solve, parallel, train
-from lqf import config as config_lib
 from lqf.errors import UserError
+from lqf.experiments import finetune as job_finetune
+from lqf.experiments import pretrain
+from lqf.experiments import solve as job_solve
+from lqf.runtime import checkpoint
+from lqf.runtime import config as config_lib
+from lqf.runtime import parallel
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -57,7 +61,7 @@ def _assert_results_close(a, b):
 
 
 def _load(name, *overrides):
-  return config_lib.load(os.path.join(ROOT, "configs", name), list(overrides))
+  return config_lib.load(name, list(overrides))
 
 
 def test_make_mesh_and_batch_checks():
@@ -87,10 +91,10 @@ def test_shard_batch_splits_rows_and_replicate_copies():
 
 
 def _pretrain(workdir, *extra):
-  cfg = _load("digits_pretrain.py", "model.width=4", "data.image_size=8", "train.steps=4",
+  cfg = _load("digits_pretrain", "model.width=4", "data.image_size=8", "train.steps=4",
               "train.batch_size=32", "train.checkpoint_every=2", "train.eval_every=4",
               "train.log_every=1", *extra)
-  return train.pretrain(cfg, workdir, progress=False)
+  return pretrain.pretrain(cfg, workdir, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +105,7 @@ def one_device(tmp_path_factory):
 
 
 def _finetune_cfg(pretrained, *extra):
-  return _load("digits_finetune.py", f"pretrained_workdir={pretrained}", "data.image_size=8",
+  return _load("digits_finetune", f"pretrained_workdir={pretrained}", "data.image_size=8",
                "shots=4", "lqf.scope=last_stage", "lqf.steps=3", "lqf.checkpoint_every=3",
                "finetune.steps=3", "finetune.checkpoint_every=3", "finetune.log_every=1",
                "finetune.eval_every=3", *extra)
@@ -138,7 +142,7 @@ def test_exact_solvers_data_passes_on_8_devices_equal_one(pretrained, tmp_path):
   from lqf.data import pipeline  # pylint: disable=g-import-not-at-top
   data = pipeline.load_split(cfg.data, cfg.data.train_split, corrupted=True, shots=4)
   clf = finetune.with_new_head(clf, pre_cfg["model"], data.num_classes, 1, 0)
-  sols = [job_solve.exact_optimum(clf, data.images, data.labels, data.num_classes, cfg.lqf,
+  sols = [finetune.exact_optimum(clf, data.images, data.labels, data.num_classes, cfg.lqf,
                                   cfg.solve, mesh=mesh)[0]
           for mesh in (None, parallel.make_mesh(8))]
   assert sols[0].objective == pytest.approx(sols[1].objective, rel=1e-6)
@@ -156,11 +160,11 @@ def _bct_overrides(pretrained):
 
 
 @pytest.mark.parametrize("package,config,overrides", [
-    ("pc", "digits_pc.py", _pc_overrides), ("bct", "digits_bct.py", _bct_overrides)])
+    ("pc", "digits_pc", _pc_overrides), ("bct", "digits_bct", _bct_overrides)])
 def test_pc_and_bct_training_on_8_devices_equals_one(pretrained, tmp_path, package, config,
                                                      overrides):
   import importlib  # pylint: disable=g-import-not-at-top
-  job = importlib.import_module(f"{package}.job")
+  job = importlib.import_module(f"{package}.experiments.train")
   runs = {}
   for n in (1, 8):
     cfg = _load(config, *overrides(pretrained), "data.image_size=8", "old.finetune.steps=2",
@@ -208,7 +212,7 @@ def test_pretraining_on_8_then_2_then_1_devices_equals_one_device(one_device, tm
   for step in (4, 3, 2):
     shutil.rmtree(os.path.join(cut, "checkpoints", str(step)))
   cfg_cut = ["parallel.devices=2", "train.checkpoint_every=1"]
-  train.pretrain(_load("digits_pretrain.py", "model.width=4", "data.image_size=8",
+  pretrain.pretrain(_load("digits_pretrain", "model.width=4", "data.image_size=8",
                        "train.steps=4", "train.batch_size=32", "train.eval_every=4",
                        "train.log_every=1", *cfg_cut), cut, stop_at_step=3, progress=False)
   assert sorted(int(s) for s in os.listdir(os.path.join(cut, "checkpoints"))) == [1, 2, 3]
@@ -229,7 +233,7 @@ def _free_port():
 def test_two_processes_of_4_devices_train_like_one_process(one_device, tmp_path):
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  base = [sys.executable, "-m", "lqf", "pretrain", "--config", "configs/digits_pretrain.py",
+  base = [sys.executable, "-m", "lqf", "pretrain", "--config", "digits_pretrain",
           "--workdir", str(tmp_path / "two"), "--no_progress", "--config.model.width=4",
           "--config.data.image_size=8", "--config.train.steps=4",
           "--config.train.batch_size=32", "--config.train.checkpoint_every=2",
@@ -245,8 +249,8 @@ def test_two_processes_of_4_devices_train_like_one_process(one_device, tmp_path)
     assert p.returncode == 0, err
   _assert_results_close(one_device[1], json.load(open(tmp_path / "two" / "final_metrics.json")))
   # Restored through the library, which hands orbax the layout of this process.
-  _, a = train.load_pretrained(one_device[0])
-  _, b = train.load_pretrained(str(tmp_path / "two"))
+  _, a = pretrain.load_pretrained(one_device[0])
+  _, b = pretrain.load_pretrained(str(tmp_path / "two"))
   _assert_close((a.params, a.batch_stats), (b.params, b.batch_stats))
   # Only the first process writes the metrics: each step once.
   steps = [json.loads(l)["step"] for l in open(tmp_path / "two" / "metrics.jsonl")

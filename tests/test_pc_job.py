@@ -1,16 +1,17 @@
 """The PC jobs end to end on a tiny pretrained model."""
 
 import json
-import os
 
+from cli_helpers import ROOT, assert_one_line_error, run_cli
 import numpy as np
 import pytest
-from cli_helpers import ROOT, assert_one_line_error, run_cli
 
-from lqf import config as config_lib
-from lqf import job_finetune
 from lqf.errors import UserError
-from pc import job, job_tradeoff, tradeoff
+from lqf.experiments import finetune as job_finetune
+from lqf.runtime import config as config_lib
+from pc import tradeoff
+from pc.experiments import tradeoff as job_tradeoff
+from pc.experiments import train as job
 
 
 def _overrides(pretrained):
@@ -22,7 +23,7 @@ def _overrides(pretrained):
 
 
 def _cfg(pretrained, *extra):
-  return config_lib.load(os.path.join(ROOT, "configs/digits_pc.py"),
+  return config_lib.load("digits_pc",
                          _overrides(pretrained) + list(extra))
 
 
@@ -67,7 +68,7 @@ def test_ensemble_averages_its_members(pretrained, tmp_path):
 
 
 def test_old_model_loaded_from_a_finetuning_run(pretrained, tmp_path):
-  ft = config_lib.load(os.path.join(ROOT, "configs/digits_finetune.py"), [
+  ft = config_lib.load("digits_finetune", [
       f"pretrained_workdir={pretrained}", "data.image_size=8", "shots=2", "method=nonlinear",
       "finetune.steps=3", "finetune.checkpoint_every=3", "finetune.eval_every=3"])
   job_finetune.run(ft, str(tmp_path / "old"), progress=False)
@@ -95,7 +96,7 @@ def test_tradeoff_writes_json_csv_png_with_exact_end_points(pretrained, tmp_path
 
 def test_tradeoff_cli_refuses_shares_outside_the_unit_interval(pretrained, tmp_path):
   args = [f"--config.{o}" for o in _overrides(pretrained)]
-  proc = run_cli("tradeoff", "--config", "configs/digits_pc.py", "--out", str(tmp_path / "o"),
+  proc = run_cli("tradeoff", "--config", "digits_pc", "--out", str(tmp_path / "o"),
                  *args, "--config.tradeoff.rhos=(0.0,1.5)", module="pc")
   assert_one_line_error(proc, "tradeoff.rhos must be a non-empty list of shares in [0, 1]")
   assert not (tmp_path / "o").exists()
@@ -110,7 +111,7 @@ def test_tradeoff_cli_refuses_shares_outside_the_unit_interval(pretrained, tmp_p
 ])
 def test_cli_errors(pretrained, tmp_path, override, match):
   workdir = tmp_path / "w"
-  args = ["train", "--config", "configs/digits_pc.py", "--workdir", str(workdir),
+  args = ["train", "--config", "digits_pc", "--workdir", str(workdir),
           *[f"--config.{o}" for o in _overrides(pretrained)],
           "--config.pc.old_logits_file=/nonexistent.npy", f"--config.{override}"]
   assert_one_line_error(run_cli(*args, module="pc"), match)
@@ -118,7 +119,7 @@ def test_cli_errors(pretrained, tmp_path, override, match):
 
 
 def test_label_sets_that_differ_are_refused(pretrained, tmp_path):
-  ft = config_lib.load(os.path.join(ROOT, "configs/digits_finetune.py"), [
+  ft = config_lib.load("digits_finetune", [
       f"pretrained_workdir={pretrained}", "data.image_size=8", "shots=2", "method=nonlinear",
       "finetune.steps=2", "finetune.checkpoint_every=2", "finetune.eval_every=2"])
   job_finetune.run(ft, str(tmp_path / "old"), progress=False)
@@ -142,10 +143,10 @@ def test_stored_outputs_of_the_wrong_shape_are_refused(pretrained, tmp_path):
 
 
 def test_cli_train_prints_its_results(pretrained, tmp_path, capsys, monkeypatch):
-  from pc import cli
+  from pc.experiments import cli
   monkeypatch.chdir(ROOT)
   args = [f"--config.{o}" for o in _overrides(pretrained)]
-  assert cli.main(["train", "--config", "configs/digits_pc.py", "--workdir",
+  assert cli.main(["train", "--config", "digits_pc", "--workdir",
                    str(tmp_path / "t"), "--no_progress", *args]) == 0
   out = capsys.readouterr().out
   assert "NFR" in out and "relative NFR" in out and str(tmp_path / "t") in out
@@ -153,7 +154,7 @@ def test_cli_train_prints_its_results(pretrained, tmp_path, capsys, monkeypatch)
 
 
 def test_bench_reports_every_arm_and_its_goals(pretrained, tmp_path):
-  from pc import bench
+  from pc.experiments import bench
   tiny = [o for o in _overrides(pretrained) if not o.startswith("tradeoff.references")]
   doc = bench.run(json_path=str(tmp_path / "pc.json"), seeds=1, quick=False,
                   overrides=tiny + ["lam_grid=(1.0,)", "pc_lqf.target=logits"])
@@ -174,7 +175,7 @@ def test_bench_reports_every_arm_and_its_goals(pretrained, tmp_path):
 
 
 def test_goals_on_a_known_curve():
-  from pc import bench
+  from pc.experiments import bench
   s = lambda v: {"mean": v}
   arms = {"none": {"ER_new": s(0.05), "NFR": s(0.04)},
           "fd_kl": {"ER_new": s(0.06), "NFR": s(0.03)},

@@ -2,15 +2,16 @@
 
 import collections
 
+import dense
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import dense
-from jax.flatten_util import ravel_pytree
 
-from lqf import linearize, optim, solve, train
+from lqf import linearize, optim, solve
 from lqf.errors import UserError
+from lqf.models.classifier import build_classifier
 from pc import lqf_term, tradeoff
 
 N, D, H, C = 12, 5, 4, 3
@@ -153,7 +154,7 @@ def test_rho_outside_the_unit_interval_is_refused(tiny):
 
 
 def test_kfac_sees_kronecker_blocks_with_the_pc_term():
-  clf = train.build_classifier(dict(arch="cifar", depth=20, width=4, activation="leaky_relu",
+  clf = build_classifier(dict(arch="cifar", depth=20, width=4, activation="leaky_relu",
                                     leaky_slope=0.1), C, 1, seed=0)
   lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, "all")
   x = jnp.asarray(np.random.default_rng(1).normal(size=(N, 6, 6, 1)), jnp.float32)

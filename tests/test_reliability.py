@@ -8,8 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from lqf import checkpoint, cli, train
 from lqf.data import pipeline
+from lqf.experiments import cli
+from lqf.models.classifier import build_classifier
+from lqf.runtime import checkpoint, train
 
 TINY = ["--config.model.width=4", "--config.data.image_size=8", "--config.train.steps=4",
         "--config.train.batch_size=32", "--config.train.checkpoint_every=1",
@@ -17,7 +19,7 @@ TINY = ["--config.model.width=4", "--config.data.image_size=8", "--config.train.
 
 
 def _main(capfd, *args):
-  code = cli.main(["pretrain", "--config", "configs/digits_pretrain.py", "--no_progress",
+  code = cli.main(["pretrain", "--config", "digits_pretrain", "--no_progress",
                    *args])
   return code, capfd.readouterr().err
 
@@ -79,11 +81,11 @@ def test_a_diverging_run_stops_at_its_step_and_keeps_the_last_good_checkpoint(ca
   saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints"))
   assert saved == list(range(1, bad_step))  # Every step before the bad one, nothing after.
   if saved:  # The kept checkpoint restores, and is finite (restore_latest checks).
-    clf = train.build_classifier({"arch": "cifar", "depth": 20, "width": 4,
+    clf = build_classifier({"arch": "cifar", "depth": 20, "width": 4,
                                   "activation": "leaky_relu", "leaky_slope": 0.1}, 10, 1, 0)
     mgr = checkpoint.manager(str(workdir / "checkpoints"))
-    from lqf import config as config_lib  # pylint: disable=g-import-not-at-top
-    cfg = config_lib.load("configs/digits_pretrain.py", [o.removeprefix("--config.")
+    from lqf.runtime import config as config_lib  # pylint: disable=g-import-not-at-top
+    cfg = config_lib.load("digits_pretrain", [o.removeprefix("--config.")
                                                           for o in TINY])
     opt = train.make_optimizer(cfg.train)
     like = {"params": clf.params, "batch_stats": clf.batch_stats,

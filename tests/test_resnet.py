@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from lqf import resnet
-from lqf.resnet import ResNet
+from lqf.models import resnet
+from lqf.models.resnet import ResNet
 
 
 def _small(arch: str = "cifar", depth: int = 20, *, width: int = 4, num_classes: int = 5,

@@ -5,8 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from lqf import checkpoint, train
 from lqf.errors import UserError
+from lqf.experiments import pretrain
+from lqf.models.classifier import build_classifier
+from lqf.runtime import checkpoint, train
 
 
 def _leaves(tree):
@@ -20,7 +22,7 @@ def _assert_trees_equal(a, b):
 
 
 def _final_state(workdir, cfg):
-  _, clf = train.load_pretrained(str(workdir))
+  _, clf = pretrain.load_pretrained(str(workdir))
   return {"params": clf.params, "batch_stats": clf.batch_stats}
 
 
@@ -37,8 +39,8 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_pretrain_is_deterministic_and_learns(tiny_config, tmp_path):
-  a = train.pretrain(tiny_config, str(tmp_path / "a"), progress=False)
-  b = train.pretrain(tiny_config, str(tmp_path / "b"), progress=False)
+  a = pretrain.pretrain(tiny_config, str(tmp_path / "a"), progress=False)
+  b = pretrain.pretrain(tiny_config, str(tmp_path / "b"), progress=False)
   _assert_trees_equal(_final_state(tmp_path / "a", tiny_config),
                       _final_state(tmp_path / "b", tiny_config))
   assert a == b
@@ -50,11 +52,11 @@ def test_pretrain_is_deterministic_and_learns(tiny_config, tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_parameters(tiny_config, tmp_path):
-  train.pretrain(tiny_config, str(tmp_path / "full"), progress=False)
+  pretrain.pretrain(tiny_config, str(tmp_path / "full"), progress=False)
   # Stopped after 3 steps; the checkpoint is at step 2, so step 3 is redone.
-  train.pretrain(tiny_config, str(tmp_path / "cut"), stop_at_step=3, progress=False)
+  pretrain.pretrain(tiny_config, str(tmp_path / "cut"), stop_at_step=3, progress=False)
   assert not (tmp_path / "cut" / "final_metrics.json").exists()
-  resumed = train.pretrain(tiny_config, str(tmp_path / "cut"), progress=False)
+  resumed = pretrain.pretrain(tiny_config, str(tmp_path / "cut"), progress=False)
   _assert_trees_equal(_final_state(tmp_path / "full", tiny_config),
                       _final_state(tmp_path / "cut", tiny_config))
   full = json.load(open(tmp_path / "full" / "final_metrics.json"))
@@ -64,25 +66,25 @@ def test_interrupted_run_resumes_to_the_same_parameters(tiny_config, tmp_path):
 
 
 def test_workdir_of_another_architecture_is_refused(tiny_config, tmp_path):
-  train.pretrain(tiny_config, str(tmp_path), stop_at_step=2, progress=False)
+  pretrain.pretrain(tiny_config, str(tmp_path), stop_at_step=2, progress=False)
   before = sorted(p.name for p in tmp_path.rglob("*"))
   tiny_config.model.depth = 32
   with pytest.raises(UserError, match="different architecture .*model.depth"):
-    train.pretrain(tiny_config, str(tmp_path), progress=False)
+    pretrain.pretrain(tiny_config, str(tmp_path), progress=False)
   assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
 def test_load_pretrained_refuses_an_unfinished_run(tiny_config, tmp_path):
-  train.pretrain(tiny_config, str(tmp_path), stop_at_step=2, progress=False)
+  pretrain.pretrain(tiny_config, str(tmp_path), stop_at_step=2, progress=False)
   with pytest.raises(UserError, match="has not finished"):
-    train.load_pretrained(str(tmp_path))
+    pretrain.load_pretrained(str(tmp_path))
 
 
 def test_a_loss_on_logits_and_embedding_trains_like_its_logits_part(tiny_config):
   from lqf.data import pipeline
   d = tiny_config.data
   data = pipeline.load_split(d, d.train_split, corrupted=False, shots=2, subset_seed=0)
-  clf = train.build_classifier(tiny_config.model, 10, 1, 0)
+  clf = build_classifier(tiny_config.model, 10, 1, 0)
   plain = train.fit(clf, data, tiny_config.train, seed=0, progress=False)
   seen = []
   pair = lambda out, labels, extras: seen.append(out[1].shape) or train.cross_entropy(
@@ -94,13 +96,13 @@ def test_a_loss_on_logits_and_embedding_trains_like_its_logits_part(tiny_config)
 
 
 def test_pretrained_for_restores_once_and_checks_channels(pretrained):
-  a = train.pretrained_for(pretrained, 1)
-  assert train.pretrained_for(pretrained, 1)[1] is a[1]  # Restored once per process.
+  a = pretrain.pretrained_for(pretrained, 1)
+  assert pretrain.pretrained_for(pretrained, 1)[1] is a[1]  # Restored once per process.
   record = os.path.join(pretrained, checkpoint.CONFIG_FILE)
   stat = os.stat(record)
   os.utime(record, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-  b = train.pretrained_for(pretrained, 1)  # A rewritten record is read again.
+  b = pretrain.pretrained_for(pretrained, 1)  # A rewritten record is read again.
   assert b[1] is not a[1]
   _assert_trees_equal(a[1].params, b[1].params)
   with pytest.raises(UserError, match="pretrained on 1-channel images but data.channels is 3"):
-    train.pretrained_for(pretrained, 3)
+    pretrain.pretrained_for(pretrained, 3)

@@ -3,15 +3,16 @@ key names and shapes (made here, from torchvision's definition of the network)."
 
 import json
 
+from cli_helpers import assert_one_line_error, run_cli
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli_helpers import assert_one_line_error, run_cli
 from safetensors.numpy import save_file
 
-from lqf import train, weights
 from lqf.errors import UserError
+from lqf.experiments import import_weights, pretrain
+from lqf.models import weights
 
 LAYOUTS = {18: ("basic", (2, 2, 2, 2)), 50: ("bottleneck", (3, 4, 6, 3))}
 
@@ -127,12 +128,12 @@ def test_imported_model_computes_what_torch_computes(tmp_path, depth, width, fmt
     np.savez(path, **{f"module.{k}": v for k, v in sd.items()})  # A DDP-wrapped export.
   else:
     save_file(sd, path)
-  report = weights.import_run(path, str(tmp_path / "run"), activation="relu")
+  report = import_weights.import_run(path, str(tmp_path / "run"), activation="relu")
   assert report.architecture == weights.Architecture(depth, width, 7, 3)
   assert report.unmapped == [] and len(report.ignored) == sum(
       k.endswith("num_batches_tracked") for k in sd)
   assert report.mapped == len(sd) - len(report.ignored)
-  cfg, clf = train.load_pretrained(str(tmp_path / "run"))
+  cfg, clf = pretrain.load_pretrained(str(tmp_path / "run"))
   assert cfg["model"]["activation"] == "relu"
   x = np.random.default_rng(1).normal(size=(2, 3, 64, 64)).astype(np.float32)
   ours = clf.apply(clf.params, clf.batch_stats, jnp.asarray(x.transpose(0, 2, 3, 1)))
@@ -143,9 +144,9 @@ def test_leaky_relu_is_the_default_and_changes_the_function(tmp_path):
   sd = stand_in(18, 4)
   path = str(tmp_path / "w.safetensors")
   save_file(sd, path)
-  report = weights.import_run(path, str(tmp_path / "run"))
+  report = import_weights.import_run(path, str(tmp_path / "run"))
   assert "leaky_relu" in report.summary()
-  _, clf = train.load_pretrained(str(tmp_path / "run"))
+  _, clf = pretrain.load_pretrained(str(tmp_path / "run"))
   x = np.random.default_rng(1).normal(size=(2, 3, 32, 32)).astype(np.float32)
   ours = clf.apply(clf.params, clf.batch_stats, jnp.asarray(x.transpose(0, 2, 3, 1)))
   np.testing.assert_allclose(ours, reference_forward(sd, x, 18, "leaky_relu"), rtol=2e-4,

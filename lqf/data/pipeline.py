@@ -10,18 +10,18 @@ Arrays are NHWC float32, normalised with the configured mean and std.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 import contextlib
 import dataclasses
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from absl import logging as absl_logging
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import logging as absl_logging
 
-from lqf.data import digits
+import lqf.data.digits as digits
 from lqf.errors import UserError, require
 
 BUILTIN = {"graceful_digits": digits.GracefulDigits}

@@ -1,0 +1,45 @@
+"""Backward-compatible update on Oxford Flowers-102 from an ImageNet ResNet-50 (224×224).
+
+    python -m lqf import-weights --weights resnet50.safetensors --workdir runs/imagenet_r50
+    python -m bct train --config imagenet_r50_bct_flowers --workdir runs/r50_flowers_bct
+    python -m bct train --config imagenet_r50_bct_flowers \
+        --workdir runs/r50_flowers_independent --config.bct.method=independent
+    python -m bct eval --workdir runs/r50_flowers_bct --independent runs/r50_flowers_independent
+
+The old model saw the first 51 classes (10 images each); the new one all 102 (the 1,020
+training images) and is trained with the influence loss through the old model's cosine
+head (λ = 1), synthesized old-head columns for the 51 classes the old model never saw.
+Retrieval runs on the 6,149 test images, each a query against all the others.
+
+Hardware: one node of 8 GPUs (`parallel.devices=0`), about 5 GB of host RAM for the
+images. The exact LQF variant (`bct curve`) needs the Jacobian: use `lqf.scope=head`.
+
+Expected result source: BCT (Shen et al., CVPR 2020, arXiv 2003.11942) and the first
+author's reimplementation (METHODS.md: ImageNet new/old 42.2 against old/old 39.5, 46.8
+with a normalised classifier). Not run by this project yet: no result in results/
+comes from it.
+"""
+
+import ml_collections
+
+import bct.experiments.configs.digits_bct as digits_bct
+import lqf.experiments.configs.imagenet_common as imagenet_common
+import lqf.runtime.config as config_lib
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = digits_bct.get_config()
+  c.pretrain_config = ""
+  c.data = imagenet_common.data_config("oxford_flowers102", "train", "test", augment=True)
+  c.new.update(dict(pretrained_workdir=imagenet_common.PRETRAINED, shots=0, classes=()))
+  c.old.update(dict(pretrained_workdir=imagenet_common.PRETRAINED, pretrain_overrides=(),
+                    shots=10, classes=tuple(range(51))))
+  c.old.finetune.update(dict(lr=0.003, batch_size=64, steps=500))
+  c.train.update(dict(lr=0.003, batch_size=64, steps=2000, checkpoint_every=200,
+                      eval_every=500, log_every=50))
+  c.bct.update(dict(l2_clip_norm=1.0, head="cosine", head_scale=16.0))
+  c.lqf.update(dict(scope="head"))
+  c.bct_lqf.update(dict(max_gb=32.0, batch_size=32))
+  c.retrieval.update(dict(query_chunk=1024, gallery_chunk=8192))
+  c.parallel = config_lib.parallel_config(devices=0)
+  return c

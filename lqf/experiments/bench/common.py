@@ -1,0 +1,121 @@
+"""What every benchmark shares: the JSON document's `meta` block and `summary` of a metric
+over seeds, the pretrained runs benchmarks start from (made when missing), interleaved
+step timing, and the printed table.
+
+Every benchmark writes one JSON file:
+`{"meta": {command, seeds, device, date, versions}, "arms": {arm: {metric: {mean, std,
+values}}}, ...}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+import datetime
+import importlib.metadata
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from lqf.errors import UserError
+import lqf.experiments.pretrain as pretrain
+from lqf.models.classifier import Classifier
+import lqf.runtime.config as config_lib
+
+TRANSFER_CONFIG = "digits_transfer"
+
+
+def summary(values: Sequence[float]) -> dict[str, Any]:
+  v = np.asarray(values, np.float64)
+  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+          "values": [float(x) for x in v]}
+
+
+def meta(command: str, seeds: Sequence[int]) -> dict[str, Any]:
+  versions = {p: importlib.metadata.version(p) for p in
+              ("jax", "jaxlib", "flax", "optax", "kfac-jax", "orbax-checkpoint",
+               "tensorflow-datasets", "graceful")}
+  dev = jax.devices()[0]
+  return {"command": command, "seeds": list(seeds),
+          "device": f"{dev.platform}: {dev.device_kind} ({platform.processor() or platform.machine()}, "
+                    f"{os.cpu_count()} cores)",
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "versions": versions, "python": sys.version.split()[0]}
+
+
+def pretrained_run(workdir: str, config_path: str, overrides: Sequence[str] = ()) -> str:
+  """`workdir`, after pretraining `config_path` (with `overrides`) into it if it does not
+  hold a finished pretraining run yet."""
+  try:
+    pretrain.load_pretrained(workdir)
+  except UserError:
+    print(f"pretraining into {workdir} ...", file=sys.stderr)
+    pretrain.pretrain(config_lib.load(config_path, list(overrides)), workdir, progress=False)
+  return workdir
+
+
+def ensure_pretrained(cfg: Mapping[str, Any], quick: bool, *, workdir_key: str = "pretrain_workdir",
+                      overrides: Sequence[str] = ()) -> Classifier:
+  """The finished pretraining run of `cfg[workdir_key]`, trained first if needed."""
+  workdir = cfg[workdir_key] + ("_quick" if quick else "")
+  print(f"pretrained model: {workdir}", file=sys.stderr)
+  try:
+    return pretrain.load_pretrained(workdir)[1]
+  except UserError:
+    pass
+  quick_overrides = ["train.steps=20", "train.checkpoint_every=10"] if quick else []
+  pre = config_lib.load(cfg["pretrain_config"], quick_overrides + list(overrides))
+  print(f"pretraining into {workdir} ...", file=sys.stderr)
+  pretrain.pretrain(pre, workdir)
+  return pretrain.load_pretrained(workdir)[1]
+
+
+def time_steps(fns: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+  """Seconds per call of each function, interleaved so that machine noise hits all alike."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())  # Compile.
+  times: dict[str, list[float]] = {n: [] for n in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t0)
+  return times
+
+
+def sgd_step_timer(loss: Callable[..., jax.Array], variables: Any, *rest: Any
+                   ) -> tuple[Callable[[], Any], Any]:
+  """(a call of one SGD-with-momentum step of `loss(variables, *rest)`, its compiled
+  executable); the call always starts from the same state, so it can be timed again."""
+  tx = optax.sgd(1e-3, momentum=0.9)
+
+  @jax.jit
+  def step(v, s, *r):
+    g = jax.grad(loss)(v, *r)
+    u, s = tx.update(g, s, v)
+    return optax.apply_updates(v, u), s
+
+  state = tx.init(variables)
+  return (lambda: step(variables, state, *rest)), \
+      step.lower(variables, state, *rest).compile()
+
+
+def format_table(doc: Mapping[str, Any]) -> str:
+  lines = [f"{'arm':<40} {'metric':<18} {'mean ± std':>22}"]
+  for arm, metrics in doc["arms"].items():
+    for metric, a in metrics.items():
+      scale = 100 if metric == "accuracy" else 1
+      if a["mean"] is None:
+        lines.append(f"{arm:<40} {metric:<18} {'not reached':>22}")
+        continue
+      extra = f" ({a['not_reached']} not reached)" if a.get("not_reached") else ""
+      lines.append(f"{arm:<40} {metric:<18} {scale * a['mean']:11.4g} ± "
+                   f"{scale * a['std']:8.3g}{extra}")
+  if "goals" in doc:
+    lines.append("goals: " + ", ".join(f"{k}={v}" for k, v in doc["goals"].items()))
+  return "\n".join(lines)

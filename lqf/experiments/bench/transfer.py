@@ -1,0 +1,243 @@
+"""`python -m lqf bench transfer|accuracy|cost`.
+
+`transfer`: the built-in digits transfer task (digits_transfer). Each arm's
+learning rate is chosen once on the validation split (subset seed 0), then every arm
+runs on the same few-shot subsets, one per seed, and is scored on the test split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+import functools
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lqf.data.pipeline as pipeline
+from lqf.errors import NonFiniteLossError
+import lqf.experiments.bench.common as common
+from lqf.experiments.bench.common import TRANSFER_CONFIG, ensure_pretrained, summary
+import lqf.finetune as finetune
+import lqf.linearize as linearize
+from lqf.models.classifier import Classifier, build_classifier
+import lqf.objective as objective
+import lqf.runtime.config as config_lib
+import lqf.runtime.train as train
+
+Predict = Callable[[np.ndarray], jax.Array]
+Arm = Callable[[pipeline.ImageSplit, int, float | None], Predict]
+
+
+def _predictor(clf: Classifier) -> Predict:
+  apply = jax.jit(clf.apply)
+  return lambda x: apply(clf.params, clf.batch_stats, x)
+
+
+def make_arms(cfg, names: Sequence[str], quick: bool) -> dict[str, Arm]:
+  """Each arm as `(few-shot data, seed, lr) -> predict`; lr None = the arm has no grid."""
+  pre_cfg = config_lib.to_dict(config_lib.load(cfg["pretrain_config"]))
+  model_cfg, channels = pre_cfg["model"], cfg["data"]["channels"]
+  pretrained = ensure_pretrained(cfg, quick)
+
+  def new_head(data, seed, base=pretrained, model=model_cfg):
+    return finetune.with_new_head(base, model, data.num_classes, channels, seed)
+
+  def ft(data, seed, lr):
+    t = dict(cfg["finetune"], lr=lr)
+    return _predictor(finetune.finetune(new_head(data, seed), data, t, seed=seed,
+                                        train_bn=t["train_bn"]))
+
+  def scratch(data, seed, lr):
+    clf = build_classifier(model_cfg, data.num_classes, channels, seed + 1000)
+    t = dict(cfg["scratch"], lr=lr)
+    return _predictor(finetune.finetune(clf, data, t, seed=seed, train_bn=t["train_bn"]))
+
+  def probe(data, seed, lr):
+    return _predictor(finetune.linear_probe(new_head(data, seed), data,
+                                            dict(cfg["probe"], lr=lr), seed=seed))
+
+  @functools.cache
+  def relu_pretrained() -> Classifier:
+    return ensure_pretrained(cfg, quick, workdir_key="pretrain_relu_workdir",
+                             overrides=["model.activation=relu"])
+
+  def lqf_arm(relu: bool = False, **changes):
+    def arm(data, seed, lr):
+      c = dict(cfg["lqf"], **changes)
+      if lr is not None:
+        c["lr"] = lr
+      base, model = pretrained, model_cfg
+      if relu:
+        base, model = relu_pretrained(), dict(model_cfg, activation="relu")
+      return finetune.lqf(new_head(data, seed, base, model), data, c, seed=seed)[0]
+    return arm
+
+  arms = {"finetune": ft, "probe": probe, "scratch": scratch,
+          "lqf": lqf_arm(), "lqf_relu": lqf_arm(relu=True), "lqf_ce": lqf_arm(loss="ce"),
+          "lqf_sgd": lqf_arm(optimizer="sgd", adaptive=False)}
+  return {n: arms[n] for n in names}
+
+
+QUICK = ("finetune.steps=10", "scratch.steps=10", "probe.steps=20", "lqf.steps=3",
+         "lr_grid.finetune=(0.003,)", "lr_grid.scratch=(0.1,)", "lr_grid.probe=(0.01,)",
+         "lr_grid.lqf_sgd=(0.0003,)")
+
+
+def run_arms(*, arm_names: Sequence[str], shots: Sequence[int], seeds: int, quick: bool,
+             config_path: str = TRANSFER_CONFIG, overrides: Sequence[str] = ()
+             ) -> dict[str, Any]:
+  """Runs `arm_names` on the digits transfer task at each number of `shots` (0 = the
+  whole target training split); returns `arms`, `tuning`, `timing_s` and `design`.
+
+  `quick` shrinks every arm to a few steps and one learning rate: a smoke test of the
+  machinery, not a measurement.
+  """
+  cfg = config_lib.load(config_path, (QUICK if quick else ()) + tuple(overrides))
+  arms = make_arms(cfg, arm_names, quick)
+  d = cfg.data
+  val = pipeline.load_split(d, cfg.val_split, corrupted=True)
+  test = pipeline.load_split(d, d.eval_split, corrupted=True)
+  result: dict[str, Any] = {"arms": {}, "tuning": {}, "timing_s": {}}
+  for k in shots:
+    suffix = f"@{k}shot" if k > 0 else "@full"
+    tune_data = pipeline.load_split(d, d.train_split, corrupted=True, shots=k, subset_seed=0)
+    for name, fn in arms.items():
+      t0 = time.perf_counter()
+      lr = None
+      if name in cfg.lr_grid:
+        grid = {}
+        for lr in cfg.lr_grid[name]:
+          try:
+            grid[lr] = train.accuracy(fn(tune_data, 0, lr), val)
+          except NonFiniteLossError:
+            grid[lr] = 0.0  # Diverged: never chosen.
+        lr = max(grid, key=lambda v: (grid[v], -v))
+        result["tuning"][name + suffix] = {"val_accuracy": {str(v): a for v, a in grid.items()},
+                                           "lr": lr}
+      accs = []
+      for seed in range(seeds):
+        data = pipeline.load_split(d, d.train_split, corrupted=True, shots=k, subset_seed=seed)
+        accs.append(train.accuracy(fn(data, seed, lr), test))
+        print(f"{name}{suffix} seed {seed}: {accs[-1]:.4f}", file=sys.stderr)
+        # Every run compiles new closures; without this a long benchmark accumulates
+        # executables until LLVM cannot map more memory (seen: a segfault after ~1 h).
+        jax.clear_caches()
+      result["arms"][name + suffix] = {"accuracy": summary(accs)}
+      result["timing_s"][name + suffix] = time.perf_counter() - t0
+  result["design"] = {"target_train": d.train_split, "validation": cfg.val_split,
+                      "evaluation": f"{d.eval_split} ({len(test)} images)",
+                      "corruption": config_lib.to_dict(d.corruption),
+                      "config": config_lib.to_dict(cfg)}
+  return result, cfg, test
+
+
+def transfer(*, seeds: int = 5, quick: bool = False, overrides: Sequence[str] = ()
+             ) -> dict[str, Any]:
+  """Issue 2's benchmark: fine-tuning, probe, scratch and no adaptation at 5 shots."""
+  result, cfg, test = run_arms(arm_names=("finetune", "probe", "scratch"), shots=(5,),
+                               seeds=seeds, quick=quick, overrides=overrides)
+  pretrained = ensure_pretrained(cfg, quick)
+  acc = train.accuracy(_predictor(pretrained), test)
+  result["arms"]["no_adaptation"] = {"accuracy": summary([acc] * seeds)}
+  return result
+
+
+ACCURACY_ARMS = ("lqf", "lqf_relu", "lqf_ce", "lqf_sgd", "finetune", "probe")
+
+
+def accuracy(*, seeds: int = 5, quick: bool = False, overrides: Sequence[str] = (),
+             shots: Sequence[int] | None = None) -> dict[str, Any]:
+  """Issue 3's benchmark: LQF, each of its changes reverted, fine-tuning and the probe,
+  at 5 and 10 shots a class and on the whole target training split (shots 0)."""
+  shots = shots or ((5,) if quick else (5, 10, 0))
+  return run_arms(arm_names=ACCURACY_ARMS, shots=shots, seeds=seeds, quick=quick,
+                  overrides=overrides)[0]
+
+
+def transfer_goals(result: Mapping[str, Any], k: int = 5) -> dict[str, Any]:
+  """Issue 2's bars at k shots: fine-tuning ≥ scratch + 10 points; best in [60%, 95%]."""
+  arms = result["arms"]
+  ft, sc = arms[f"finetune@{k}shot"]["accuracy"]["mean"], arms[f"scratch@{k}shot"]["accuracy"]["mean"]
+  best = max(v["accuracy"]["mean"] for a, v in arms.items() if a.endswith(f"@{k}shot"))
+  return {"finetune_minus_scratch": ft - sc, "finetune_beats_scratch_by_10": ft - sc >= 0.10,
+          "best_method": best, "best_in_60_95": 0.60 <= best <= 0.95}
+
+
+def cost(*, seeds: int = 5, quick: bool = False, overrides: Sequence[str] = ()
+         ) -> dict[str, Any]:
+  """Time and memory of one training step, linearized against nonlinear, same batch.
+
+  Steps (SGD update included): nonlinear CE through the whole network; LQF through the
+  whole network; the nonlinear last stage + head on the cached prefix; LQF of the last
+  stage + head on the cached prefix. Each "seed" is one interleaved timing round; the
+  ratios are per round, so a slow moment of the machine cancels.
+  """
+  cfg = config_lib.load(TRANSFER_CONFIG, (QUICK if quick else ()) + tuple(overrides))
+  pre_cfg = config_lib.to_dict(config_lib.load(cfg.pretrain_config))
+  pretrained = ensure_pretrained(cfg, quick)
+  d = cfg.data
+  data = pipeline.load_split(d, d.train_split, corrupted=True)
+  x, y = jnp.asarray(data.images[:64]), jnp.asarray(data.labels[:64])
+  clf = finetune.with_new_head(pretrained, pre_cfg["model"], data.num_classes,
+                               d["channels"], 0)
+
+  def ce(params, xb, yb, apply):
+    return train.cross_entropy(apply(params, clf.batch_stats, xb), yb)
+
+  fns, memory = {}, {}
+  fns["nonlinear_all"], c = common.sgd_step_timer(lambda p, xb, yb: ce(p, xb, yb, clf.apply),
+                                           clf.params, x, y)
+  memory["nonlinear_all"] = c.memory_analysis().temp_size_in_bytes
+  for scope in ("all", "last_stage"):
+    lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, scope)
+    h = linearize.prefix_features(lin, x)
+    loss = objective.make_loss(lin.apply, loss="mse", k=5.0, lam=1e-4)
+    fns[f"lqf_{scope}"], c = common.sgd_step_timer(
+        lambda dl, hb, yb, l=loss, s=lin.state: l(dl, s, (hb, yb)), lin.zeros(), h, y)
+    memory[f"lqf_{scope}"] = c.memory_analysis().temp_size_in_bytes
+    if scope == "last_stage":
+      nonlin = lambda w, hb, yb, l=lin: train.cross_entropy(l.nonlinear(w, l.state, hb), yb)
+      fns["nonlinear_last_stage"], c = common.sgd_step_timer(nonlin, lin.state["w0"], h, y)
+      memory["nonlinear_last_stage"] = c.memory_analysis().temp_size_in_bytes
+  repeats = 3 if quick else 20
+  rounds = [common.time_steps(fns, repeats) for _ in range(seeds)]
+  med = lambda r, n: float(np.median(r[n]))
+  arms = {n: {"seconds_per_step": summary([med(r, n) for r in rounds]),
+              "temp_memory_bytes": summary([memory[n]] * seeds)} for n in fns}
+  ratios = {
+      "lqf_all / nonlinear_all": [med(r, "lqf_all") / med(r, "nonlinear_all") for r in rounds],
+      "lqf_last_stage / nonlinear_last_stage": [
+          med(r, "lqf_last_stage") / med(r, "nonlinear_last_stage") for r in rounds],
+      "lqf_last_stage / nonlinear_all": [
+          med(r, "lqf_last_stage") / med(r, "nonlinear_all") for r in rounds]}
+  for name, values in ratios.items():
+    arms.setdefault("ratios", {})[name] = summary(values)
+  goals = {"all_at_most_1.8x": arms["ratios"]["lqf_all / nonlinear_all"]["mean"] <= 1.8,
+           "last_stage_at_most_1.3x":
+               arms["ratios"]["lqf_last_stage / nonlinear_last_stage"]["mean"] <= 1.3}
+  return {"arms": arms, "goals": goals,
+          "design": {"batch": 64, "image_size": d.image_size, "model": pre_cfg["model"],
+                     "repeats_per_round": repeats,
+                     "memory": "XLA temp allocation of the compiled step (bytes)"}}
+
+
+def accuracy_goals(result: Mapping[str, Any]) -> dict[str, Any]:
+  """Issue 3's goals: LQF ≥ nonlinear fine-tuning at 5 and 10 shots, within 1 point on
+  the full set, and above every arm with one of its changes reverted."""
+  arms = {a: v["accuracy"]["mean"] for a, v in result["arms"].items()}
+  goals = {}
+  for suffix in sorted({a.split("@")[1] for a in arms}):
+    lqf, ft = arms.get(f"lqf@{suffix}"), arms.get(f"finetune@{suffix}")
+    if lqf is None or ft is None:
+      continue
+    goals[f"lqf_minus_finetune@{suffix}"] = lqf - ft
+    goals[f"lqf_matches_finetune@{suffix}"] = lqf >= ft - (0.01 if suffix == "full" else 0.0)
+    reverted = [a for a in ("lqf_relu", "lqf_ce", "lqf_sgd") if f"{a}@{suffix}" in arms]
+    goals[f"lqf_beats_reverted@{suffix}"] = all(lqf > arms[f"{a}@{suffix}"] for a in reverted)
+  return goals
+
+
