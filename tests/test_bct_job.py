@@ -9,6 +9,7 @@ import pytest
 from bct.experiments import curve as job_curve
 from bct.experiments import train as job
 from lqf.errors import UserError
+from lqf.experiments import finetune as job_finetune
 from lqf.experiments import pretrain
 from lqf.runtime import config as config_lib
 
@@ -152,3 +153,23 @@ def test_a_chain_constrained_by_every_predecessor(pretrained):
   # v1's own row is the old model's retrieval, whatever came after it.
   assert table["v1/v1"] == job.cross_retrieval(cfg, {"old": v1}, evaluation,
                                                [("old", "old")])["old/old"]
+
+
+def test_old_model_loaded_from_a_nonlinear_finetuning_run(pretrained, tmp_path):
+  """README advertises `--config.old.workdir=<a nonlinear lqf finetune run>`; the old
+  model is that run's network, its embedding the one the run trained."""
+  ft = config_lib.load("digits_finetune", [
+      f"pretrained_workdir={pretrained}", "data.image_size=8", "shots=2", "method=nonlinear",
+      "finetune.steps=3", "finetune.checkpoint_every=3", "finetune.eval_every=3"])
+  job_finetune.run(ft, str(tmp_path / "old"), progress=False)
+  run_cfg, model = job.load_model(str(tmp_path / "old"))
+  assert run_cfg["method"] == "nonlinear" and model.classes == tuple(range(10))
+  restored = pretrain.restore_final(
+      job.new_classifier({"pretrained_workdir": pretrained}, 10, 1, 0, {"head": "linear"}),
+      ft.finetune, str(tmp_path / "old"))
+  images = np.zeros((2, 8, 8, 1), np.float32)
+  np.testing.assert_allclose(model.embed(images), restored.features(
+      restored.params, restored.batch_stats, images), rtol=1e-5, atol=1e-6)
+  result = job.run(_cfg(pretrained, f"old.workdir={tmp_path / 'old'}", "bct.method=independent"),
+                   str(tmp_path / "new"), progress=False)
+  assert set(result["retrieval"]) == {"old/old", "new/old", "new/new"}

@@ -222,7 +222,7 @@ def load_model(workdir: str) -> tuple[dict[str, Any], Model]:
     kind = head_kind(run_cfg)
   elif cmd == "finetune" and run_cfg.get("method") == "nonlinear":
     classes = tuple(range(num_classes))
-    spec = {"pretrained_workdir": run_cfg["pretrain_workdir"]}
+    spec = {"pretrained_workdir": run_cfg["pretrained_workdir"]}
     t, seed = run_cfg["finetune"], run_cfg["seed"]
     kind = {"head": "linear"}
   else:
