@@ -9,27 +9,22 @@ linear map) is again affine in δ, so the influence loss with a squared error,
              + λ‖δ‖²,
 
 is a convex quadratic with constant Hessian, solved exactly by `lqf.solve` (`bct_problem`)
-or, along the share ρ, from one Jacobian by `Path`. ρ = 0 is plain LQF, ρ = 1/2 weighs
+or, along the share ρ, from one Jacobian by `lqf.solve.KernelPath`. ρ = 0 is plain LQF, ρ = 1/2 weighs
 the two terms equally (BCT's λ = 1), ρ = 1 keeps only the old head's wish.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-import dataclasses
-import time
 from typing import Any
 
 import jax
-from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
-import numpy as np
-import scipy.linalg
 
 import bct.embedding as embedding
 import bct.losses as losses
-from lqf.errors import UserError, require
+from lqf.errors import require
 from lqf.linearize import LinState
+import lqf.objective as objective_lib
 import lqf.solve as solve
 
 PyTree = Any
@@ -88,64 +83,10 @@ def bct_problem(joint: solve.Outputs, state: LinState, like: PyTree, feats: jax.
   _check_rho(rho)
   labels = jnp.asarray(labels)
   dtype = jnp.result_type(float)  # float64 under jax.enable_x64.
-  targets = k * jax.nn.one_hot(labels, num_classes, dtype=dtype)
+  targets = objective_lib.scaled_one_hot(labels, num_classes, k, dtype)
   ones = jnp.ones(len(labels), dtype)
   feats = jnp.asarray(feats)
   data = solve.Term(logits_outputs(joint, num_classes), feats, targets, ones, 1.0 - rho)
   influence = solve.Term(influence_outputs(joint, num_classes, head, rule), feats, targets,
                          ones, rho)
   return solve.Problem((data, influence), state, like, lam, batch_size)
-
-
-@dataclasses.dataclass
-class Path:
-  """The exact minimiser of L_ρ at any ρ from one Jacobian.
-
-  G [N, 2C, P] is the Jacobian of `paired_outputs` at δ = 0, g0 [N, 2C] its value and
-  K = G Gᵀ the kernel. With D = diag(√((1-ρ)/N)) on the C logit rows and √(ρ/N) on the
-  C influence rows of each example, and r = D(y - g0) (y = k·one-hot, twice):
-
-      δ*_ρ = Gᵀ D (D K D + λI)⁻¹ r,     L_ρ(δ*_ρ) = λ rᵀ (D K D + λI)⁻¹ r.
-  """
-  jac: np.ndarray
-  g0: np.ndarray
-  targets: np.ndarray
-  kernel: np.ndarray
-  lam: float
-  unravel: Callable[[jax.Array], PyTree]
-  seconds: float
-
-  @classmethod
-  def build(cls, joint: solve.Outputs, state: LinState, like: PyTree, feats: jax.Array,
-            labels: np.ndarray, num_classes: int, head: losses.OldHead, *, rule: str,
-            k: float, lam: float, batch_size: int = 256, max_bytes: float = 8e9) -> "Path":
-    if lam <= 0:
-      raise UserError(f"the compatibility path needs a positive ridge lam, got {lam}")
-    flat, unravel = ravel_pytree(like)
-    rows = 2 * len(labels) * num_classes
-    need = rows * flat.size * 4
-    if need > max_bytes:
-      raise UserError(f"the compatibility path needs the {rows} × {flat.size} Jacobian "
-                      f"({need / 1e9:.1f} GB), more than {max_bytes / 1e9:.1f} GB: use "
-                      "fewer training examples, a smaller lqf.scope, or raise "
-                      "bct_lqf.max_gb")
-    t0 = time.perf_counter()
-    jac, g0 = solve.jacobian(paired_outputs(joint, num_classes, head, rule), like, state,
-                             feats, batch_size=batch_size)
-    kernel = solve.gram(jac.reshape(rows, -1))
-    y = k * np.eye(num_classes, dtype=np.float32)[np.asarray(labels)]
-    return cls(jac, g0, np.concatenate([y, y], -1), kernel, float(lam), unravel,
-               time.perf_counter() - t0)
-
-  def solve(self, rho: float) -> tuple[PyTree, float]:
-    """(δ*_ρ, L_ρ(δ*_ρ)) exactly."""
-    _check_rho(rho)
-    n, two_c = self.g0.shape
-    c = two_c // 2
-    share = np.concatenate([np.full(c, 1.0 - rho), np.full(c, rho)])
-    d = np.tile(np.sqrt(share / n), n)
-    r = d * (self.targets - self.g0).reshape(-1).astype(np.float64)
-    system = d[:, None] * self.kernel * d[None, :] + self.lam * np.eye(n * two_c)
-    alpha = scipy.linalg.cho_solve(scipy.linalg.cho_factor(system), r)
-    delta = self.jac.reshape(n * two_c, -1).T @ (d * alpha).astype(np.float32)
-    return self.unravel(jnp.asarray(delta)), float(self.lam * r @ alpha)

@@ -99,8 +99,7 @@ def lqf(clf: Classifier, data: pipeline.ImageSplit, c: Mapping[str, Any], *,
   feats = linearize.prefix_features(lin, jnp.asarray(data.images))
   labels = jnp.asarray(data.labels)
   loss = objective.make_loss(lin.apply, loss=c["loss"], k=c["k"], lam=c["lam"])
-  delta, history = optim.fit(loss, lin.zeros(), lin.state, feats, labels, c,
-                             l2=2 * c["lam"], seed=seed, callback=callback)
+  delta, history = optim.fit(loss, lin.zeros(), lin.state, feats, labels, c, seed=seed, callback=callback)
   apply = jax.jit(lin.apply)
 
   def predict(images: jax.Array) -> jax.Array:

@@ -32,13 +32,21 @@ def sq_norm(tree: PyTree) -> jax.Array:
   return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))
 
 
+def scaled_one_hot(labels: jax.Array, num_classes: int, k: float, dtype: Any = None
+                   ) -> jax.Array:
+  """LQF's regression target k·one-hot(y): labels int [N] -> [N, C], in `dtype` (default
+  the float type in use: float64 under `jax.enable_x64`)."""
+  dtype = jnp.result_type(float) if dtype is None else dtype
+  return k * jax.nn.one_hot(jnp.asarray(labels), num_classes, dtype=dtype)
+
+
 def data_term(outputs: jax.Array, labels: jax.Array, *, loss: str, k: float) -> jax.Array:
   """Mean over the batch of the per-example loss, registered for kfac-jax.
 
   outputs [B, C], labels int [B].
   """
   if loss == "mse":
-    targets = k * jax.nn.one_hot(labels, outputs.shape[-1], dtype=outputs.dtype)
+    targets = scaled_one_hot(labels, outputs.shape[-1], k, outputs.dtype)
     kfac_jax.register_squared_error_loss(outputs, targets)
     return jnp.mean(jnp.sum(jnp.square(outputs - targets), axis=-1))
   if loss == "ce":

@@ -52,8 +52,10 @@ def batches(feats: jax.Array, labels: jax.Array, batch_size: int, seed: int,
     step += 1
 
 
-def make_kfac(objective: Objective, o: Mapping[str, Any], l2: float) -> kfac_jax.Optimizer:
-  """A kfac-jax optimiser for `objective`; `l2` = 2λ, the penalty's curvature."""
+def make_kfac(objective: Objective, o: Mapping[str, Any]) -> kfac_jax.Optimizer:
+  """A kfac-jax optimiser for `objective`. kfac-jax is told the penalty's curvature 2λ
+  (`o.lam`, the λ the objective was made with: it is given once, in the config block)."""
+  l2 = 2.0 * float(o["lam"])
 
   def with_state(delta, state, batch):
     return objective(delta, state, batch), state
@@ -82,7 +84,7 @@ def kfac_blocks(opt: kfac_jax.Optimizer) -> tuple[Any, ...]:
 
 
 def fit(objective: Objective, delta0: PyTree, state: LinState, feats: jax.Array,
-        labels: jax.Array, o: Mapping[str, Any], *, l2: float, seed: int,
+        labels: jax.Array, o: Mapping[str, Any], *, seed: int,
         callback: Callable[[int, PyTree, Any], None] | None = None,
         resume: tuple[int, PyTree, Any] | None = None,
         mesh: Mesh | None = None) -> tuple[PyTree, list[float]]:
@@ -117,7 +119,7 @@ def fit(objective: Objective, delta0: PyTree, state: LinState, feats: jax.Array,
       resume = (resume[0], delta, parallel.replicate(resume[2], mesh))
   key = jax.random.key(seed)
   if name == "kfac":
-    opt = make_kfac(objective, o, l2)
+    opt = make_kfac(objective, o)
     # `init` also finalizes the optimiser's graph, which a resumed run needs too.
     opt_state = opt.init(delta, key, next(batches(feats, labels, batch_size, seed,
                                                   mesh=mesh)), func_state=state)
@@ -151,12 +153,12 @@ def fit(objective: Objective, delta0: PyTree, state: LinState, feats: jax.Array,
 
 
 def init_state(objective: Objective, delta0: PyTree, state: LinState, feats: jax.Array,
-               labels: jax.Array, o: Mapping[str, Any], *, l2: float, seed: int) -> Any:
+               labels: jax.Array, o: Mapping[str, Any], *, seed: int) -> Any:
   """The optimiser state `fit` starts from: the structure a checkpoint restores into."""
   delta = jax.tree.map(jnp.array, delta0)
   if o["optimizer"] == "kfac":
     batch = next(batches(feats, labels, int(o["batch_size"]), seed))
-    return make_kfac(objective, o, l2).init(delta, jax.random.key(seed), batch,
+    return make_kfac(objective, o).init(delta, jax.random.key(seed), batch,
                                             func_state=jax.tree.map(jnp.array, state))
   return _optax(o).init(delta)
 

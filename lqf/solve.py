@@ -24,10 +24,11 @@ Two solvers, which must agree:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 import dataclasses
 import functools
 import math
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -39,7 +40,8 @@ import numpy as np
 import scipy.linalg
 
 from lqf.errors import UserError
-from lqf.linearize import LinState
+from lqf.linearize import LinState, linearized_subtree
+import lqf.objective as objective_lib
 import lqf.runtime.parallel as parallel
 
 PyTree = Any
@@ -104,7 +106,7 @@ def mse_problem(apply: Outputs, state: LinState, like: PyTree, feats: jax.Array,
                 batch_size: int = 256) -> Problem:
   """LQF's objective (`objective.make_loss(loss="mse")`) as a `Problem`."""
   labels = jnp.asarray(labels)
-  targets = k * jax.nn.one_hot(labels, num_classes, dtype=jnp.result_type(float))
+  targets = objective_lib.scaled_one_hot(labels, num_classes, k)
   term = Term(apply, jnp.asarray(feats), targets, jnp.ones(len(labels), targets.dtype))
   return Problem((term,), state, like, lam, batch_size)
 
@@ -344,50 +346,167 @@ def gram(rows: np.ndarray, block: int = 512) -> np.ndarray:
   return out
 
 
-def kernel_solve(problem: Problem, *, max_bytes: float = 4e9) -> Solution:
-  """δ* = Φᵀ(ΦΦᵀ + λI)⁻¹ r (module docstring), the kernel built in batches.
+def kernel_bytes(rows: int, params: int, itemsize: int = 4) -> int:
+  """Bytes of the rows × params Jacobian the kernel path holds."""
+  return rows * params * itemsize
 
-  The rows Φ are computed once per batch and kept while they fit in `max_bytes`
-  (float32); the (ΣNC)² kernel is solved in float64 by Cholesky.
-  """
-  flat_like, unravel = ravel_pytree(problem.like)
-  p = flat_like.size
-  rows = sum(len(t.sample_weights) * t.targets.shape[-1] for t in problem.terms)
-  if rows * p * flat_like.dtype.itemsize > max_bytes:
+
+def check_kernel_memory(rows: int, params: int, max_bytes: float, *, itemsize: int = 4,
+                        what: str = "the kernel solve", limit: str = "solve.max_gb") -> None:
+  """The one memory check of the kernel path: refuses, before any work, a Jacobian of
+  `rows` × `params` that would not fit in `max_bytes`."""
+  need = kernel_bytes(rows, params, itemsize)
+  if need > max_bytes:
     raise UserError(
-        f"the kernel solve needs the {rows} × {p} Jacobian "
-        f"({rows * p * flat_like.dtype.itemsize / 1e9:.1f} GB), "
-        f"more than max_bytes={max_bytes / 1e9:.1f} GB: use --config.solve.method=cg, which "
-        "needs memory for one batch only")
-  blocks, resid = [], []
-  # Not split over a mesh: with the batch sharded, XLA (jax 0.9.1, CPU) returned wrong
-  # per-example Jacobian rows from this vmap of jacrev, and so did a shard_map of it
-  # (tests/test_parallel.py compares against one device).
-  like, state = (problem.like, problem.state) if problem.mesh is None else \
-      parallel.to_host((problem.like, problem.state))
-  for t in problem.terms:
-    for h, y, w in _padded_batches(t, problem.batch_size):
-      keep = np.asarray(w) > 0  # Padding rows have zero weight; drop them.
-      jac = np.asarray(_jacobian_rows(t.outputs, like, state, h))
-      jac = jac.reshape(len(w), -1, p)[keep]
-      s = np.sqrt(np.asarray(w, np.float64)[keep] * _scale(t)).astype(jac.dtype)
-      g0 = np.asarray(t.outputs(like, state, h))[keep]
-      blocks.append((s[:, None, None] * jac).reshape(-1, p))
-      resid.append((s[:, None] * (np.asarray(y)[keep] - g0)).reshape(-1))
-  phi = np.concatenate(blocks)
-  r = np.concatenate(resid).astype(np.float64)
-  kernel = (phi @ phi.T).astype(np.float64)
-  if problem.lam > 0:
-    alpha = scipy.linalg.cho_solve(
-        scipy.linalg.cho_factor(kernel + problem.lam * np.eye(len(r))), r)
-  else:  # Minimum-norm interpolation.
-    alpha = np.linalg.lstsq(kernel, r, rcond=None)[0]
-  delta_flat = phi.T @ alpha.astype(phi.dtype)
-  delta = unravel(jnp.asarray(delta_flat, flat_like.dtype))
-  if problem.mesh is not None:
-    delta = parallel.replicate(delta, problem.mesh)
-  value = problem.lam * float(r @ alpha) if problem.lam > 0 else objective(problem, delta)
-  return Solution(delta, value, 0, [], [value], True)
+        f"{what} needs the {rows} × {params} Jacobian ({need / 1e9:.2f} GB), more than "
+        f"the {max_bytes / 1e9:.2f} GB allowed ({limit}): use --config.solve.method=cg, "
+        "which needs memory for one batch only, fewer training examples or a smaller "
+        "lqf.scope")
+
+
+def linearized_size(params: PyTree, scope: str, *, batch_norm: bool = False) -> int:
+  """P: the number of weights `scope` linearizes (the Jacobian's columns)."""
+  return sum(np.size(l) for l in jax.tree.leaves(
+      linearized_subtree(params, scope, batch_norm=batch_norm)))
+
+
+def kernel_rows(problem: Problem) -> int:
+  """The Jacobian rows the kernel path needs: Σ N·C over the distinct (outputs, inputs)
+  of the terms (terms that share both share their rows)."""
+  return sum(len(g[0].inputs) * g[0].targets.shape[-1] for g in _groups(problem.terms))
+
+
+def _groups(terms: tuple[Term, ...]) -> list[list[Term]]:
+  """Terms grouped by the (outputs, inputs) they read: one Jacobian per group."""
+  groups: dict[tuple[int, int], list[Term]] = {}
+  for t in terms:
+    groups.setdefault((id(t.outputs), id(t.inputs)), []).append(t)
+  return list(groups.values())
+
+
+@dataclasses.dataclass
+class KernelPath:
+  """The exact optimum of every problem that differs from `problem` only in its term
+  weights a_t, from one Jacobian and one float64 kernel.
+
+  Terms that read the same outputs of the same inputs share Jacobian rows G_i; per
+  example they merge into one weighted squared error (c_ti = a_t w_ti / N_t):
+
+      Σ_t c_ti ‖g_i − y_ti‖² = s_i ‖g_i − m_i‖² + const,   s_i = Σ_t c_ti,
+      m_i = Σ_t c_ti y_ti / s_i,   const = Σ_t c_ti ‖y_ti‖² − s_i ‖m_i‖².
+
+  With D = diag(√s_i) (repeated over the outputs), r = D (m − g(0)) and the kernel
+  K = G Gᵀ (accumulated in float64 a block at a time, `gram`):
+
+      δ* = Gᵀ D (D K D + λI)⁻¹ r,     L* = λ rᵀ (D K D + λI)⁻¹ r + const.
+
+  Building costs one Jacobian pass and the kernel; each `solve` one Cholesky
+  factorisation of the (Σ N C)² system. LQF's own problem is one group of one term; the
+  PC term shares LQF's rows (one group, two terms); the BCT term reads other outputs
+  (two groups).
+  """
+  problem: Problem
+  jac: list[np.ndarray]       # per group, [N_g·C_g, P] float32
+  g0: list[np.ndarray]        # per group, [N_g, C_g]
+  kernel: np.ndarray          # [R, R] float64, R = Σ N_g·C_g
+  unravel: Callable[[jax.Array], PyTree]
+  seconds: float              # building the Jacobian and the kernel
+
+  @classmethod
+  def build(cls, problem: Problem, *, max_bytes: float = 4e9) -> "KernelPath":
+    flat_like, unravel = ravel_pytree(problem.like)
+    p = flat_like.size
+    check_kernel_memory(kernel_rows(problem), p, max_bytes,
+                        itemsize=flat_like.dtype.itemsize)
+    t0 = time.perf_counter()
+    # Not split over a mesh: with the batch sharded, XLA (jax 0.9.1, CPU) returned wrong
+    # per-example Jacobian rows from this vmap of jacrev, and so did a shard_map of it
+    # (tests/test_parallel.py compares against one device).
+    like, state = (problem.like, problem.state) if problem.mesh is None else \
+        parallel.to_host((problem.like, problem.state))
+    jacs, outs = [], []
+    for group in _groups(problem.terms):
+      t = group[0]
+      jac, g0 = jacobian(t.outputs, like, state, t.inputs, batch_size=problem.batch_size)
+      jacs.append(jac.reshape(-1, p))
+      outs.append(g0)
+    kernel = gram(np.concatenate(jacs) if len(jacs) > 1 else jacs[0])
+    return cls(problem, jacs, outs, kernel, unravel, time.perf_counter() - t0)
+
+  def solve(self, weights: Sequence[float] | None = None) -> Solution:
+    """The exact optimum with term weights `weights` (default: the problem's own)."""
+    terms = self.problem.terms
+    weights = [t.weight for t in terms] if weights is None else [float(w) for w in weights]
+    if len(weights) != len(terms) or min(weights) < 0:
+      raise UserError(f"give one non-negative weight per term ({len(terms)}), got {weights}")
+    by_term = {id(t): a for t, a in zip(terms, weights)}
+    d, r, const = [], [], 0.0
+    for group, g0 in zip(_groups(terms), self.g0):
+      n_out = g0.shape[-1]
+      s = np.zeros(len(g0))
+      sm = np.zeros(g0.shape)
+      for t in group:
+        c = by_term[id(t)] * np.asarray(t.sample_weights, np.float64) / len(t.sample_weights)
+        y = np.asarray(t.targets, np.float64)
+        s += c
+        sm += c[:, None] * y
+        const += float(c @ np.sum(y ** 2, -1))
+      m = np.where(s[:, None] > 0, sm / np.where(s > 0, s, 1.0)[:, None], 0.0)
+      const -= float(s @ np.sum(m ** 2, -1))
+      root = np.repeat(np.sqrt(s), n_out)
+      d.append(root)
+      r.append(root * (m - g0).reshape(-1))
+    d, r = np.concatenate(d), np.concatenate(r)
+    lam = self.problem.lam
+    system = d[:, None] * self.kernel * d[None, :]
+    if lam > 0:
+      system[np.diag_indices_from(system)] += lam
+      alpha = scipy.linalg.cho_solve(scipy.linalg.cho_factor(system), r)
+    else:  # Minimum-norm interpolation.
+      alpha = np.linalg.lstsq(system, r, rcond=None)[0]
+    coef = d * alpha
+    delta_flat = np.zeros(self.jac[0].shape[1], np.float64)
+    start = 0
+    for jac in self.jac:  # Gᵀ(Dα) a block of rows at a time, in float64.
+      for i in range(0, len(jac), 4096):
+        block = jac[i:i + 4096]
+        delta_flat += np.asarray(block, np.float64).T @ coef[start + i:start + i + len(block)]
+      start += len(jac)
+    dtype = ravel_pytree(self.problem.like)[0].dtype
+    delta = self.unravel(jnp.asarray(delta_flat, dtype))
+    if self.problem.mesh is not None:
+      delta = parallel.replicate(delta, self.problem.mesh)
+    value = lam * float(r @ alpha) + const if lam > 0 else \
+        objective(dataclasses.replace(self.problem, terms=tuple(
+            t._replace(weight=a) for t, a in zip(terms, weights))), delta)
+    return Solution(delta, value, 0, [], [value], True)
+
+  def at_share(self, rho: float) -> Solution:
+    """For a two-term problem (LQF's data term, one wish): the optimum at weights
+    (1 − ρ, ρ). ρ = 0 is plain LQF, ρ = 1 the wish alone with the ridge."""
+    if len(self.problem.terms) != 2:
+      raise UserError(f"a share needs a two-term problem, this one has "
+                      f"{len(self.problem.terms)} terms")
+    if not 0.0 <= rho <= 1.0:
+      raise UserError(f"the share rho must be in [0, 1], got {rho}")
+    return self.solve((1.0 - rho, rho))
+
+
+def curve(path: KernelPath, rhos: Sequence[float],
+          evaluate: Callable[[PyTree], dict[str, float]]) -> list[dict[str, float]]:
+  """For each share ρ, the exact optimum's objective, solve time and `evaluate(δ*_ρ)`."""
+  points = []
+  for rho in rhos:
+    t0 = time.perf_counter()
+    sol = path.at_share(float(rho))
+    points.append({"rho": float(rho), "objective": sol.objective,
+                   "solve_seconds": time.perf_counter() - t0, **evaluate(sol.delta)})
+  return points
+
+
+def kernel_solve(problem: Problem, *, max_bytes: float = 4e9) -> Solution:
+  """δ* = Φᵀ(ΦΦᵀ + λI)⁻¹ r (module docstring): `KernelPath.build(problem).solve()`."""
+  return KernelPath.build(problem, max_bytes=max_bytes).solve()
 
 
 def solve(problem: Problem, method: str = "cg", **kwargs: Any) -> Solution:

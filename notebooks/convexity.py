@@ -35,9 +35,8 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
-from lqf import convexity, finetune, linearize, objective, optim, solve
+from lqf import UserError, convexity, finetune, linearize, objective, optim, solve
 from lqf.data import pipeline
-from lqf import UserError
 from lqf.experiments import pretrain
 from lqf.runtime import config as config_lib
 
@@ -165,7 +164,7 @@ for name, o in (("K-FAC", dict(c)),
                 ("SGD (lr 3e-4)", dict(c, optimizer="sgd", adaptive=False, lr=3e-4)),
                 ("Adam (lr 1e-3)", dict(c, optimizer="adam", adaptive=False, lr=1e-3))):
   gaps = []
-  optim.fit(lq, lin.zeros(), lin.state, feats, labels, dict(o, steps=steps), l2=2 * c["lam"],
+  optim.fit(lq, lin.zeros(), lin.state, feats, labels, dict(o, steps=steps),
             seed=0, callback=lambda s, d, _: gaps.append(
                 solve.relative_gap(float(L_lin(d)), exact.objective)))
   curves[name] = gaps

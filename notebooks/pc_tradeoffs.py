@@ -36,7 +36,7 @@ import numpy as np
 
 from lqf.experiments import pretrained_run
 from lqf.runtime import config as config_lib
-from pc import metrics, tradeoff
+from pc import metrics
 from pc.experiments import tradeoff as job_tradeoff
 from pc.experiments import train as job
 
@@ -143,12 +143,12 @@ fig.tight_layout()
 # Read the curve from ρ = 0: at first NFR falls for little or no cost in error, then the
 # new model starts inheriting the old model's mistakes and ER climbs toward the old
 # model's. A sensible penalty sits at the knee. Given an error budget (say, no worse than
-# the untreated update plus half a point), `tradeoff.best_at` picks the point of lowest NFR
+# the untreated update plus half a point), `metrics.best_at` picks the point of lowest NFR
 # within it, from exact optima rather than one retraining per candidate.
 
 # %%
 budget = rows["none"]["ER_new"] + 0.005
-choice = tradeoff.best_at(points, budget)
+choice = metrics.best_at(points, budget)
 print("within the budget:", choice and {k: round(v, 4) for k, v in choice.items()})
 print("flip metrics of the chosen point:", choice and {k: round(choice[k], 4)
                                                       for k in metrics.RATE_NAMES})

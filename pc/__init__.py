@@ -6,7 +6,6 @@ line; nothing here imports it."""
 import pc.losses as losses
 import pc.lqf_term as lqf_term
 import pc.metrics as metrics
-from pc.metrics import FlipCounts, flip_counts, rates
-import pc.tradeoff as tradeoff
+from pc.metrics import FlipCounts, best_at, flip_counts, rates
 
-__all__ = ["FlipCounts", "flip_counts", "losses", "lqf_term", "metrics", "rates", "tradeoff"]
+__all__ = ["FlipCounts", "best_at", "flip_counts", "losses", "lqf_term", "metrics", "rates"]

@@ -17,7 +17,7 @@ Per example the two terms merge into one (`merged`):
     (1-ρ)‖f - ky‖² + ρw‖f - t‖² = s‖f - m‖² + const,   s = 1-ρ+ρw,   m = ((1-ρ)ky + ρwt)/s,
 
 so the problem at any ρ is one weighted least squares with the same Jacobian, which is
-what makes sweeping ρ cheap (`pc.tradeoff`).
+what makes sweeping ρ cheap (`lqf.solve.KernelPath` merges them per example).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import numpy as np
 
 from lqf.errors import UserError
 from lqf.linearize import LinState
+import lqf.objective as objective_lib
 import lqf.solve as solve
 
 PyTree = Any
@@ -51,7 +52,8 @@ def old_targets(old_logits: np.ndarray, labels: np.ndarray, *, k: float, mode: s
     return old_logits.astype(np.float32), {"a": 1.0, "b": 0.0}
   if mode != "affine":
     raise UserError(f"unknown PC target {mode!r}: use one of {', '.join(TARGETS)}")
-  y = k * np.eye(old_logits.shape[-1])[np.asarray(labels)]
+  y = np.asarray(objective_lib.scaled_one_hot(labels, old_logits.shape[-1], k, jnp.float32),
+                 np.float64)
   x = old_logits.reshape(-1)
   a, b = np.linalg.lstsq(np.stack([x, np.ones_like(x)], 1), y.reshape(-1), rcond=None)[0]
   if not a > 0:
@@ -87,7 +89,7 @@ def pc_problem(apply: solve.Outputs, state: LinState, like: PyTree, feats: jax.A
   base = solve.mse_problem(apply, state, like, feats, labels, num_classes, k=k, lam=lam,
                            batch_size=batch_size)
   data = base.terms[0]._replace(weight=1.0 - rho)
-  pc = solve.Term(apply, jnp.asarray(feats), jnp.asarray(pc_targets),
+  pc = solve.Term(apply, data.inputs, jnp.asarray(pc_targets),
                   jnp.asarray(weights), weight=rho)
   return solve.Problem((data, pc), state, like, lam, batch_size)
 
@@ -103,7 +105,7 @@ def make_objective(apply: solve.Outputs, *, k: float, lam: float, rho: float
   def objective(delta: PyTree, state: LinState, batch: Batch) -> jax.Array:
     h, labels, pc_targets, weights = batch
     out = apply(delta, state, h)
-    y = k * jax.nn.one_hot(labels, out.shape[-1], dtype=out.dtype)
+    y = objective_lib.scaled_one_hot(labels, out.shape[-1], k, out.dtype)
     s, m = merged(y, pc_targets, weights, rho)
     root = jnp.sqrt(s)[:, None]
     kfac_jax.register_squared_error_loss(root * out, root * m)

@@ -15,7 +15,7 @@ formed once at the end (`rates`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -113,3 +113,9 @@ def evaluate(old_pred: np.ndarray, new_pred: np.ndarray, labels: np.ndarray,
           "counts": {k: int(v) for k, v in total._asdict().items()},
           "per_class": {k: np.asarray(v).tolist() for k, v in pc._asdict().items()},
           "negative_flips": negative_flips(old_pred, new_pred, labels)}
+
+
+def best_at(points: Sequence[dict[str, float]], max_er: float) -> dict[str, float] | None:
+  """The point of lowest NFR among those with ER_new ≤ max_er (None if there is none)."""
+  ok = [p for p in points if p["ER_new"] <= max_er + 1e-12]
+  return min(ok, key=lambda p: (p["NFR"], p["ER_new"])) if ok else None

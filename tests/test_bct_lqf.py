@@ -75,11 +75,9 @@ def test_exact_solvers_and_path_match_a_dense_solve(tiny, rho):
   with jax.enable_x64(True):
     problem = _problem(tiny, rho)
     want = dense.assert_solvers_match_dense(problem)
-    path = lqf_term.Path.build(_lin, tiny["state"], tiny["like"], tiny["h"], tiny["labels"],
-                               C, tiny["linear"], rule="truncate_or_pad", k=K, lam=LAM,
-                               batch_size=4)
-    delta, value = path.solve(rho)
-    # The path keeps its Jacobian in float32.
+    path = solve.KernelPath.build(_problem(tiny, 0.5))
+    sol = path.at_share(rho)
+    delta, value = sol.delta, sol.objective
     np.testing.assert_allclose(dense.flat(delta), want, rtol=1e-4, atol=1e-5)
     assert value == pytest.approx(solve.objective(problem, delta), rel=1e-4)
 
@@ -88,7 +86,6 @@ def test_path_refuses_bad_shares_and_oversized_jacobians(tiny):
   from lqf.errors import UserError
   with jax.enable_x64(True):
     with pytest.raises(UserError, match="more than"):
-      lqf_term.Path.build(_lin, tiny["state"], tiny["like"], tiny["h"], tiny["labels"], C,
-                          tiny["linear"], rule="truncate_or_pad", k=K, lam=LAM, max_bytes=10)
+      solve.KernelPath.build(_problem(tiny, 0.5), max_bytes=10)
     with pytest.raises(UserError, match="rho"):
       _problem(tiny, 1.5)

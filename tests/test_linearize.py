@@ -128,7 +128,7 @@ def test_kfac_gives_every_linearized_kernel_a_kronecker_block(net, x, scope):
   loss = objective.make_loss(lin.apply, loss="mse", k=5.0, lam=1e-3)
   o = dict(optimizer="kfac", lr=1.0, momentum=0.0, steps=1, batch_size=N, curvature="once",
            inverse_every=1, adaptive=True, damping=1e-3, burnin_steps=1)
-  opt = optim.make_kfac(loss, o, 2e-3)
+  opt = optim.make_kfac(loss, dict(o, lam=1e-3))
   opt.init(lin.zeros(), jax.random.key(0), (h, y), func_state=lin.state)
   kinds = collections.Counter(type(b).__name__ for b in optim.kfac_blocks(opt))
   kron = kinds["Conv2DTwoKroneckerFactored"] + kinds["DenseTwoKroneckerFactored"]
@@ -157,8 +157,9 @@ def test_training_reaches_the_closed_form_ridge_solution(net, x, optimizer):
   loss = objective.make_loss(lin.apply, loss="mse", k=k, lam=lam)
   best = _closed_form(lin, h, y, k, lam)
   o = dict(optimizer=optimizer, lr=0.05, momentum=0.9, steps=300, batch_size=N,
-           curvature="ema", inverse_every=1, adaptive=True, damping=1e-3, burnin_steps=1)
-  delta, history = optim.fit(loss, lin.zeros(), lin.state, h, y, o, l2=2 * lam, seed=0)
+           curvature="ema", inverse_every=1, adaptive=True, damping=1e-3, burnin_steps=1,
+           lam=lam)
+  delta, history = optim.fit(loss, lin.zeros(), lin.state, h, y, o, seed=0)
   l_best = float(loss(best, lin.state, (h, y)))
   l_got = float(loss(delta, lin.state, (h, y)))
   assert abs(l_got - l_best) <= 1e-3 * l_best
@@ -174,4 +175,4 @@ def test_a_diverging_run_stops_with_a_clear_error(net, x):
   loss = objective.make_loss(lin.apply, loss="mse", k=5.0, lam=1e-3)
   o = dict(optimizer="sgd", lr=10.0, momentum=0.9, steps=50, batch_size=N)
   with pytest.raises(NonFiniteLossError, match="diverged to|became"):
-    optim.fit(loss, lin.zeros(), lin.state, x, y, o, l2=2e-3, seed=0)
+    optim.fit(loss, lin.zeros(), lin.state, x, y, dict(o, lam=1e-3), seed=0)

@@ -9,7 +9,7 @@ import pytest
 from lqf.errors import UserError
 from lqf.experiments import finetune as job_finetune
 from lqf.runtime import config as config_lib
-from pc import tradeoff
+from pc import metrics
 from pc.experiments import tradeoff as job_tradeoff
 from pc.experiments import train as job
 
@@ -90,7 +90,7 @@ def test_tradeoff_writes_json_csv_png_with_exact_end_points(pretrained, tmp_path
   assert set(doc["references"]) == {"none"}
   for p in points:
     assert p["ER_new"] - p["ER_old"] == pytest.approx(p["NFR"] - p["PFR"], abs=1e-12)
-  assert tradeoff.best_at(points, 1.0) is not None
+  assert metrics.best_at(points, 1.0) is not None
   assert "lqf+pc rho=0.5" in job_tradeoff.format_table(doc)
 
 

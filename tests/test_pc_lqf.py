@@ -12,7 +12,7 @@ import pytest
 from lqf import linearize, optim, solve
 from lqf.errors import UserError
 from lqf.models.classifier import build_classifier
-from pc import lqf_term, tradeoff
+from pc import lqf_term
 
 N, D, H, C = 12, 5, 4, 3
 K, LAM = 2.0, 0.03
@@ -109,11 +109,10 @@ def test_exact_solvers_match_a_dense_solve(tiny, rho):
 def test_path_solution_is_the_exact_optimum(tiny, rho):
   with jax.enable_x64(True):
     problem = _problem(tiny, rho)
-    path = tradeoff.Path.build(_outputs, tiny["state"], tiny["like"], tiny["h"],
-                               tiny["labels"], C, tiny["targets"], tiny["weights"], k=K,
-                               lam=LAM, batch_size=5)
-    delta, value = path.solve(rho)
-    # The path keeps the Jacobian in float32, so agreement is to float32 precision.
+    path = solve.KernelPath.build(_problem(tiny, 0.5))
+    sol = path.at_share(rho)
+    delta, value = sol.delta, sol.objective
+    # One Jacobian for both terms: the PC term shares the data term's rows.
     np.testing.assert_allclose(dense.flat(delta), dense.dense_optimum(problem), rtol=1e-4,
                                atol=1e-5)
     assert value == pytest.approx(solve.objective(problem, delta), rel=1e-4)
@@ -121,16 +120,15 @@ def test_path_solution_is_the_exact_optimum(tiny, rho):
 
 def test_path_end_points_are_plain_lqf_and_the_fully_constrained_problem(tiny):
   with jax.enable_x64(True):
-    path = tradeoff.Path.build(_outputs, tiny["state"], tiny["like"], tiny["h"],
-                               tiny["labels"], C, tiny["targets"], tiny["weights"], k=K,
-                               lam=LAM)
+    path = solve.KernelPath.build(_problem(tiny, 0.0))
+    assert len(path.jac) == 1 and solve.kernel_rows(path.problem) == len(tiny["labels"]) * C
     plain = solve.mse_problem(_outputs, tiny["state"], tiny["like"], tiny["h"],
                               tiny["labels"], C, k=K, lam=LAM)
-    np.testing.assert_allclose(dense.flat(path.solve(0.0)[0]), dense.dense_optimum(plain),
+    np.testing.assert_allclose(dense.flat(path.at_share(0.0).delta), dense.dense_optimum(plain),
                                rtol=1e-4, atol=1e-5)
     only_pc = solve.Problem((solve.Term(_outputs, tiny["h"], tiny["targets"],
                                         tiny["weights"]),), tiny["state"], tiny["like"], LAM)
-    np.testing.assert_allclose(dense.flat(path.solve(1.0)[0]), dense.dense_optimum(only_pc),
+    np.testing.assert_allclose(dense.flat(path.at_share(1.0).delta), dense.dense_optimum(only_pc),
                                rtol=1e-4, atol=1e-5)
 
 
@@ -163,7 +161,7 @@ def test_kfac_sees_kronecker_blocks_with_the_pc_term():
   loss = lqf_term.make_objective(lin.apply, k=K, lam=1e-3, rho=0.5)
   o = dict(optimizer="kfac", lr=1.0, momentum=0.0, steps=1, batch_size=N, curvature="once",
            inverse_every=1, adaptive=True, damping=1e-3, burnin_steps=1)
-  opt = optim.make_kfac(loss, o, 2e-3)
+  opt = optim.make_kfac(loss, dict(o, lam=1e-3))
   opt.init(lin.zeros(), jax.random.key(0), batch, func_state=lin.state)
   kinds = collections.Counter(type(b).__name__ for b in optim.kfac_blocks(opt))
   kernels = [p for p, _ in jax.tree_util.tree_flatten_with_path(lin.state["w0"])[0]

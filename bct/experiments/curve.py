@@ -27,6 +27,7 @@ from lqf.errors import require
 import lqf.linearize as linearize
 import lqf.runtime.config as config_lib
 from lqf.runtime.io import atomic_savefig, atomic_write_json, atomic_write_text, csv_text
+import lqf.solve as solve
 
 CSV_FIELDS = ("rho", "new/new top1", "new/old top1", "new/new mAP", "new/old mAP",
               "accuracy", "objective")
@@ -60,11 +61,12 @@ class Linearized:
     sub = job.restrict(data, self.classes)
     self.head = job.old_head(old, self.classes, data, b["synth_norm"], b["synth_center"])
     feats = linearize.prefix_features(self.lin, jnp.asarray(sub.images))
-    self.path = lqf_term.Path.build(self.lin.apply, self.lin.state, self.lin.zeros(), feats,
-                                    sub.labels, self.num_classes, self.head,
-                                    rule=b["dim_rule"], k=c["k"], lam=c["lam"],
-                                    batch_size=int(q["batch_size"]),
-                                    max_bytes=q["max_gb"] * 1e9)
+    self.path = solve.KernelPath.build(
+        lqf_term.bct_problem(self.lin.apply, self.lin.state, self.lin.zeros(), feats,
+                             sub.labels, self.num_classes, self.head, rule=b["dim_rule"],
+                             k=c["k"], lam=c["lam"], rho=0.0,
+                             batch_size=int(q["batch_size"])),
+        max_bytes=q["max_gb"] * 1e9)
     self._joint = jax.jit(self.lin.apply)
 
   def outputs(self, delta: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -76,7 +78,8 @@ class Linearized:
 
   def model(self, rho: float) -> tuple[job.Model, dict[str, Any]]:
     """The exact optimum at ρ as a `job.Model` (embedding only), its δ and objective."""
-    delta, value = self.path.solve(rho)
+    sol = self.path.at_share(rho)
+    delta, value = sol.delta, sol.objective
     c = self.num_classes
     model = job.Model(lambda images: self.outputs(delta, images)[:, c:], self.classes)
     return model, {"delta": delta, "objective": value}

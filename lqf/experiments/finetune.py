@@ -152,8 +152,7 @@ def _run_lqf(clf: Classifier, data: pipeline.ImageSplit, cfg: Mapping[str, Any],
   mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
   log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
   like = {"delta": lin.zeros(),
-          "opt_state": optim.init_state(loss, lin.zeros(), lin.state, feats, labels, c,
-                                        l2=2 * c["lam"], seed=cfg["seed"])}
+          "opt_state": optim.init_state(loss, lin.zeros(), lin.state, feats, labels, c, seed=cfg["seed"])}
   restored = checkpoint.restore_latest(mgr, like)
   resume = None
   if restored is not None:
@@ -180,8 +179,7 @@ def _run_lqf(clf: Classifier, data: pipeline.ImageSplit, cfg: Mapping[str, Any],
     faults.after_step(step)
 
   try:
-    delta, _ = optim.fit(loss, lin.zeros(), lin.state, feats, labels, dict(c, steps=total),
-                         l2=2 * c["lam"], seed=cfg["seed"], callback=on_step, resume=resume,
+    delta, _ = optim.fit(loss, lin.zeros(), lin.state, feats, labels, dict(c, steps=total), seed=cfg["seed"], callback=on_step, resume=resume,
                          mesh=mesh)
   finally:  # Also on a diverging run: the last good checkpoint is completed, not lost.
     bar.close()

@@ -20,13 +20,12 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 
 import lqf.data.pipeline as pipeline
-from lqf.errors import require
 import lqf.experiments.finetune as job_finetune
 import lqf.finetune as finetune
 import lqf.linearize as linearize
+import lqf.solve as solve
 import lqf.runtime.checkpoint as checkpoint
 import lqf.runtime.config as config_lib
 from lqf.runtime.io import atomic_write_json
@@ -49,13 +48,10 @@ def run(cfg: Mapping[str, Any], workdir: str, *, progress: bool = True) -> dict[
   clf = finetune.with_new_head(pretrained, pre_cfg["model"], data.num_classes,
                                d["channels"], cfg["seed"])
   if s["method"] == "kernel":  # Refuse before anything is written.
-    part = linearize.linearized_subtree(clf.params, c["scope"], batch_norm=c["batch_norm"])
-    size = sum(np.size(l) for l in jax.tree.leaves(part))
-    need = len(data) * data.num_classes * size * (8 if s["float64"] else 4)
-    require(need <= s["max_gb"] * 1e9,
-            f"the kernel solve needs the {len(data) * data.num_classes} × {size} Jacobian "
-            f"({need / 1e9:.2f} GB), more than solve.max_gb={s['max_gb']}: use "
-            "--config.solve.method=cg, which needs memory for one batch only")
+    solve.check_kernel_memory(
+        len(data) * data.num_classes,
+        solve.linearized_size(clf.params, c["scope"], batch_norm=c["batch_norm"]),
+        s["max_gb"] * 1e9, itemsize=8 if s["float64"] else 4)
   checkpoint.claim_workdir(workdir, config_lib.to_dict(cfg), command="solve",
                            may_change=("lqf.checkpoint_every", "parallel"))
 

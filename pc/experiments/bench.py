@@ -27,7 +27,6 @@ from lqf.runtime.io import atomic_write_json
 import pc.experiments.tradeoff as job_tradeoff
 import pc.experiments.train as job
 import pc.metrics as metrics
-import pc.tradeoff as tradeoff
 
 CONFIG = "digits_pc"
 NONLINEAR_ARMS = ("none", "naive", "fd_kl", "fd_lm")
@@ -116,9 +115,9 @@ def goals(arms: Mapping[str, Any], curve: Sequence[Mapping[str, float]]) -> dict
   mean = lambda arm, k: arms[arm][k]["mean"]
   none_er, none_nfr = mean("none", "ER_new"), mean("none", "NFR")
   fd = min(("fd_kl", "fd_lm"), key=lambda a: mean(a, "NFR"))
-  halved = tradeoff.best_at([p for p in curve if p["NFR"] <= 0.5 * none_nfr],
+  halved = metrics.best_at([p for p in curve if p["NFR"] <= 0.5 * none_nfr],
                             none_er + 0.005)
-  at_fd = tradeoff.best_at(curve, mean(fd, "ER_new"))
+  at_fd = metrics.best_at(curve, mean(fd, "ER_new"))
   lqf0 = curve[0]
   return {
       "untreated_nfr_at_least_2pct": none_nfr >= 0.02,
@@ -126,7 +125,7 @@ def goals(arms: Mapping[str, Any], curve: Sequence[Mapping[str, float]]) -> dict
       "fd_lm_lowers_nfr": mean("fd_lm", "NFR") < none_nfr,
       "lqf_pc_halves_untreated_nfr_within_half_a_point": halved is not None,
       "lqf_pc_point_halving_nfr": halved,
-      "lqf_pc_halves_its_own_rho0_nfr_within_half_a_point": tradeoff.best_at(
+      "lqf_pc_halves_its_own_rho0_nfr_within_half_a_point": metrics.best_at(
           [p for p in curve if p["NFR"] <= 0.5 * lqf0["NFR"]], lqf0["ER_new"] + 0.005)
           is not None,
       "best_fd_arm": fd,

@@ -2,7 +2,7 @@
 
 For the config's update (old model, new training subset), the linearized new model's
 LQF problem with the PC term is solved exactly at every penalty share in `tradeoff.rhos`
-(`pc.tradeoff.Path`: one Jacobian, one small factorisation per point), and each optimum
+(`lqf.solve.KernelPath`: one Jacobian, one small factorisation per point), and each optimum
 is scored on the evaluation split. The `tradeoff.references` arms (nonlinear new models
 trained with those PC losses) are trained for comparison. Writes `DIR/tradeoff.json`,
 `DIR/tradeoff.csv` and `DIR/tradeoff.png`.
@@ -24,10 +24,10 @@ from lqf.errors import require
 import lqf.linearize as linearize
 import lqf.runtime.config as config_lib
 from lqf.runtime.io import atomic_savefig, atomic_write_json, atomic_write_text, csv_text
+import lqf.solve as solve
 import pc.experiments.train as job
 import pc.lqf_term as lqf_term
 import pc.metrics as metrics
-import pc.tradeoff as tradeoff
 
 CSV_FIELDS = ("rho", "ER_new", "NFR", "PFR", "rel_NFR", "NFI", "ER_old", "objective",
               "solve_seconds")
@@ -55,9 +55,11 @@ def lqf_curve(cfg: Mapping[str, Any], data, evaluation, old: job.Predict,
   old_train = job.logits_of(old, data.images)
   targets, fit = lqf_term.old_targets(old_train, data.labels, k=c["k"], mode=q["target"])
   weights = lqf_term.pc_weights(old_train, data.labels, alpha=q["alpha"], beta=q["beta"])
-  path = tradeoff.Path.build(lin.apply, lin.state, lin.zeros(), feats, data.labels,
-                             data.num_classes, targets, weights, k=c["k"], lam=c["lam"],
-                             batch_size=int(q["batch_size"]), max_bytes=q["max_gb"] * 1e9)
+  path = solve.KernelPath.build(
+      lqf_term.pc_problem(lin.apply, lin.state, lin.zeros(), feats, data.labels,
+                          data.num_classes, targets, weights, k=c["k"], lam=c["lam"],
+                          rho=0.0, batch_size=int(q["batch_size"])),
+      max_bytes=q["max_gb"] * 1e9)
   old_pred = metrics.predictions(old, pipeline.eval_batches(evaluation, 256))
   eval_feats = linearize.prefix_features(lin, jnp.asarray(evaluation.images))
   apply = jax.jit(lin.apply)
@@ -68,7 +70,7 @@ def lqf_curve(cfg: Mapping[str, Any], data, evaluation, old: job.Predict,
     return metrics.evaluate(old_pred, logits.argmax(-1), evaluation.labels,
                             evaluation.num_classes)["rates"]
 
-  points = tradeoff.curve(path, rhos, score)
+  points = solve.curve(path, rhos, score)
   return {"points": points, "jacobian_seconds": path.seconds, "target_fit": fit,
           "old_right_on_train": float((old_train.argmax(-1) == data.labels).mean())}
 
@@ -123,13 +125,10 @@ def run(cfg: Mapping[str, Any], out: str, *, progress: bool = True) -> dict[str,
   # Size check before any work or write.
   c = cfg["lqf"]
   clf = job.new_classifier(dict(cfg, init="finetune"), data.num_classes, cfg["seed"])
-  size = sum(np.size(l) for l in jax.tree.leaves(linearize.linearized_subtree(
-      clf.params, c["scope"], batch_norm=c["batch_norm"])))
-  need = len(data) * data.num_classes * size * 4
-  require(need <= cfg["pc_lqf"]["max_gb"] * 1e9,
-          f"the exact trade-off needs the {len(data) * data.num_classes} × {size} Jacobian "
-          f"({need / 1e9:.2f} GB), more than pc_lqf.max_gb={cfg['pc_lqf']['max_gb']}: use "
-          "fewer shots or a smaller lqf.scope")
+  solve.check_kernel_memory(
+      len(data) * data.num_classes,
+      solve.linearized_size(clf.params, c["scope"], batch_norm=c["batch_norm"]),
+      cfg["pc_lqf"]["max_gb"] * 1e9, what="the exact trade-off", limit="pc_lqf.max_gb")
   try:
     os.makedirs(out, exist_ok=True)
   except OSError as e:

@@ -61,8 +61,7 @@ def steps_to_gap(loss, lin: linearize.Linearized, feats: jax.Array, labels: jax.
   out: dict[str, Any] = {"steps": None, "seconds": None}
   try:
     clock[0] = time.perf_counter()
-    optim.fit(loss, lin.zeros(), lin.state, feats, labels, dict(o, steps=max_steps),
-              l2=2 * lam, seed=seed, callback=callback)
+    optim.fit(loss, lin.zeros(), lin.state, feats, labels, dict(o, steps=max_steps, lam=lam), seed=seed, callback=callback)
   except _Reached as r:
     out = {"steps": r.step, "seconds": r.seconds}
   except NonFiniteLossError:
