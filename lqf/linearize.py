@@ -1,7 +1,8 @@
 """The linearized network `f_lin(x; δ) = f(x; w0) + J(x) δ`, with one `jax.jvp`.
 
 Only a suffix of the network may be linearized (`scope`): "all" (every weight),
-"last_stage" (the last residual stage and the head) or "head". The frozen prefix is
+"last_stage" (the last residual stage or transformer block, and the head) or "head";
+the backbone (`lqf.models.backbone`) says which weights those are. The frozen prefix is
 computed once per image (`Linearized.prefix`), so training touches only the suffix.
 
 kfac-jax sees Kronecker-factorable conv/dense layers only if the optimised variable is
@@ -20,35 +21,39 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+import lqf.models.backbone as backbone_lib
+import lqf.models.resnet as resnet
+
 PyTree = Any
 SCOPES = {"all": "input", "last_stage": "last_stage", "head": "head"}
 LinState = dict[str, PyTree]  # {"w0": linearized weights, "params": all weights, "batch_stats"}
 
 
 def linearized_subtree(params: Mapping[str, Any], scope: str, *,
-                       batch_norm: bool = False) -> dict[str, Any]:
+                       batch_norm: bool = False, backbone: Any = None) -> dict[str, Any]:
   """The part of `params` that `scope` linearizes, as a nested dict of the same keys.
+
+  `backbone` (a module of `lqf.models.backbone`'s registry, or any object with
+  `scope_subtree` and `is_batch_norm`) says which keys those are; None means the ResNets
+  (`lqf.models.resnet`), as before backbones were pluggable.
 
   Batch-norm scales and shifts are left frozen unless `batch_norm`: kfac-jax can only
   give them diagonal blocks, which underestimate their curvature (a shift moves a whole
   channel at once) badly enough to make K-FAC steps diverge.
   """
-  if scope == "all":
-    part = dict(params)
-  elif scope == "head":
-    part = {"head": params["head"]}
-  elif scope == "last_stage":
-    stages = params["stages"]
-    last = max(stages, key=int)
-    part = {"stages": {last: stages[last]}, "head": params["head"]}
-  else:
+  if scope not in SCOPES:
     raise ValueError(f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
-  return part if batch_norm else _drop_batch_norm(part)
+  return backbone_lib.linearizable(resnet if backbone is None else backbone, params,
+                                   scope, batch_norm)
 
 
-def _drop_batch_norm(tree: Mapping[Any, Any]) -> dict[Any, Any]:
-  return {k: _drop_batch_norm(v) if isinstance(v, Mapping) else v for k, v in tree.items()
-          if not (isinstance(k, str) and "bn" in k)}
+def selector_of(split_at: Any) -> Callable[..., PyTree] | None:
+  """The `select` attribute that `split_at`, or the function it partially applies (one
+  level of `functools.partial`), carries; None when neither does."""
+  select = getattr(split_at, "select", None)
+  if select is None:
+    select = getattr(getattr(split_at, "func", None), "select", None)
+  return select
 
 
 def merge(params: Mapping[str, Any], part: Mapping[str, Any]) -> dict[str, Any]:
@@ -79,9 +84,18 @@ class Linearized:
 
 
 def linearize(split_at: Callable[[str], tuple[Callable, Callable]], params: PyTree,
-              batch_stats: PyTree, scope: str, *, batch_norm: bool = False) -> Linearized:
-  """Linearizes a network given by `split_at` (see `resnet.split_at`) around `params`;
-  `scope` and `batch_norm` choose the weights (see `linearized_subtree`)."""
+              batch_stats: PyTree, scope: str, *, batch_norm: bool = False,
+              select: Callable[..., PyTree] | None = None) -> Linearized:
+  """Linearizes a network given by `split_at` (see `lqf.models.backbone`) around `params`;
+  `scope` and `batch_norm` choose the weights.
+
+  The weights are `select(params, scope, batch_norm)` (e.g. a classifier's
+  `linearizable`). Without `select`, the `select` attribute carried by `split_at` or by
+  the function it partially applies (`functools.partial(clf.split_at, output="joint")`)
+  is used: `build_classifier` sets it, so `linearize(clf.split_at, ...)` picks the
+  backbone's weights whatever the family. Failing both, `linearized_subtree`'s ResNet
+  default.
+  """
   if scope not in SCOPES:
     raise ValueError(f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
   prefix_fn, suffix_fn = split_at(SCOPES[scope])
@@ -93,7 +107,9 @@ def linearize(split_at: Callable[[str], tuple[Callable, Callable]], params: PyTr
     y0, jd = jax.jvp(lambda w: nonlinear(w, state, h), (state["w0"],), (delta,))
     return y0 + jd
 
-  w0 = linearized_subtree(params, scope, batch_norm=batch_norm)
+  select = select or selector_of(split_at)
+  w0 = (select(params, scope, batch_norm) if select is not None
+        else linearized_subtree(params, scope, batch_norm=batch_norm))
   state = {"w0": jax.tree.map(jnp.array, w0),
            "params": params, "batch_stats": batch_stats}
   prefix = jax.jit(lambda x: prefix_fn(params, batch_stats, x))

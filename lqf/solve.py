@@ -364,10 +364,14 @@ def check_kernel_memory(rows: int, params: int, max_bytes: float, *, itemsize: i
         "lqf.scope")
 
 
-def linearized_size(params: PyTree, scope: str, *, batch_norm: bool = False) -> int:
-  """P: the number of weights `scope` linearizes (the Jacobian's columns)."""
-  return sum(np.size(l) for l in jax.tree.leaves(
-      linearized_subtree(params, scope, batch_norm=batch_norm)))
+def linearized_size(params: PyTree, scope: str, *, batch_norm: bool = False,
+                    select: Callable[..., PyTree] | None = None) -> int:
+  """P: the number of weights `scope` linearizes (the Jacobian's columns); `select`
+  (e.g. a classifier's `linearizable`) chooses them, else the ResNet default of
+  `linearized_subtree`."""
+  part = (select(params, scope, batch_norm) if select is not None
+          else linearized_subtree(params, scope, batch_norm=batch_norm))
+  return sum(np.size(l) for l in jax.tree.leaves(part))
 
 
 def kernel_rows(problem: Problem) -> int:

@@ -1,4 +1,5 @@
-"""Running `python -m lqf` (or `pc`) as a user does, and checking its one-line errors."""
+"""Running `python -m lqf` (or `pc`) as a user does, checking its one-line errors, and the
+tiny settings that the job tests share."""
 
 import os
 import subprocess
@@ -18,3 +19,14 @@ def assert_one_line_error(proc, match):
   assert "Traceback" not in proc.stderr
   lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and match in lines[0], proc.stderr
+
+
+def tiny_finetune_config(pretrained, scope, *extra):
+  """`digits_finetune` on 2 shots of 8×8 images from the run in `pretrained`, every arm a
+  few steps long."""
+  from lqf.runtime import config as config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.load("digits_finetune", [
+      f"pretrained_workdir={pretrained}", "data.image_size=8", "shots=2",
+      f"lqf.scope={scope}", "lqf.steps=4", "lqf.checkpoint_every=2",
+      "finetune.steps=4", "finetune.checkpoint_every=2", "finetune.log_every=1",
+      "finetune.eval_every=4", "probe.steps=20", *extra])

@@ -4,6 +4,8 @@ import jax
 from jax.flatten_util import ravel_pytree
 import numpy as np
 
+from lqf import objective, optim
+
 
 def dense_optimum(problem):
   """δ* of a `lqf.solve.Problem` from its explicit normal equations: every term's
@@ -41,3 +43,15 @@ def assert_solvers_match_dense(problem):
     sol = solve.solve(problem, method, **kw)
     np.testing.assert_allclose(flat(sol.delta), want, rtol=1e-8, atol=1e-10)
   return want
+
+
+def kfac_initialised(lin, h, y, lam=1e-3):
+  """kfac-jax K-FAC for the squared loss of the linearized model `lin` on prefix features
+  `h` and labels `y` (one full batch), initialised at δ = 0: its blocks can be read."""
+  loss = objective.make_loss(lin.apply, loss="mse", k=5.0, lam=lam)
+  o = dict(optimizer="kfac", lr=1.0, momentum=0.0, steps=1, batch_size=len(y),
+           curvature="once", inverse_every=1, adaptive=True, damping=1e-3, burnin_steps=1,
+           lam=lam)
+  opt = optim.make_kfac(loss, o)
+  opt.init(lin.zeros(), jax.random.key(0), (h, y), func_state=lin.state)
+  return opt

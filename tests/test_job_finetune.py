@@ -3,22 +3,17 @@
 import json
 import os
 
-from cli_helpers import assert_one_line_error, run_cli
+from cli_helpers import assert_one_line_error, run_cli, tiny_finetune_config
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from lqf.errors import UserError
 from lqf.experiments import finetune as job_finetune
-from lqf.runtime import config as config_lib
 
 
 def _cfg(pretrained, *extra):
-  return config_lib.load("digits_finetune", [
-      f"pretrained_workdir={pretrained}", "data.image_size=8", "shots=2",
-      "lqf.scope=last_stage", "lqf.steps=4", "lqf.checkpoint_every=2",
-      "finetune.steps=4", "finetune.checkpoint_every=2", "finetune.log_every=1",
-      "finetune.eval_every=4", "probe.steps=20", *extra])
+  return tiny_finetune_config(pretrained, "last_stage", *extra)
 
 
 def _delta(workdir, step):

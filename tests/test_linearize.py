@@ -2,6 +2,7 @@
 
 import collections
 
+from dense import kfac_initialised
 import jax
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
@@ -125,11 +126,7 @@ def test_kfac_gives_every_linearized_kernel_a_kronecker_block(net, x, scope):
   lin = linearize.linearize(net.split_at, net.params, net.batch_stats, scope)
   h = linearize.prefix_features(lin, x)
   y = jnp.arange(N) % C
-  loss = objective.make_loss(lin.apply, loss="mse", k=5.0, lam=1e-3)
-  o = dict(optimizer="kfac", lr=1.0, momentum=0.0, steps=1, batch_size=N, curvature="once",
-           inverse_every=1, adaptive=True, damping=1e-3, burnin_steps=1)
-  opt = optim.make_kfac(loss, dict(o, lam=1e-3))
-  opt.init(lin.zeros(), jax.random.key(0), (h, y), func_state=lin.state)
+  opt = kfac_initialised(lin, h, y)
   kinds = collections.Counter(type(b).__name__ for b in optim.kfac_blocks(opt))
   kron = kinds["Conv2DTwoKroneckerFactored"] + kinds["DenseTwoKroneckerFactored"]
   assert kron == len(_kernels(lin.state["w0"])), kinds

@@ -50,7 +50,8 @@ def run(cfg: Mapping[str, Any], workdir: str, *, progress: bool = True) -> dict[
   if s["method"] == "kernel":  # Refuse before anything is written.
     solve.check_kernel_memory(
         len(data) * data.num_classes,
-        solve.linearized_size(clf.params, c["scope"], batch_norm=c["batch_norm"]),
+        solve.linearized_size(clf.params, c["scope"], batch_norm=c["batch_norm"],
+                              select=clf.linearizable),
         s["max_gb"] * 1e9, itemsize=8 if s["float64"] else 4)
   checkpoint.claim_workdir(workdir, config_lib.to_dict(cfg), command="solve",
                            may_change=("lqf.checkpoint_every", "parallel"))

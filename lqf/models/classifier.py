@@ -15,20 +15,24 @@ from typing import Any
 from flax import nnx
 import jax
 
-import lqf.models.resnet as resnet
+import lqf.models.backbone as backbone_lib
 
 PyTree = Any
 
 
 @dataclasses.dataclass
 class Classifier:
-  """A ResNet as pure functions and its weights.
+  """A backbone (see `lqf.models.backbone`) as pure functions and its weights.
 
   train_apply(params, batch_stats, x) -> (logits, new_batch_stats) with batch norm on
   batch statistics; apply(params, batch_stats, x) -> logits [N, C] and
   features(params, batch_stats, x) -> embedding [N, D], with running statistics.
   `train_apply_both` and `apply_both` give (logits, embedding) from one forward pass.
-  `split_at(point, output="logits")` is `resnet.split_at` of the model.
+  `split_at(point, output="logits")` is the backbone's `split_at` of the model; it
+  carries `split_at.select`, the same callable as `linearizable`, which
+  `linearize.linearize` uses to choose the weights a scope linearizes.
+  `linearizable(params, scope, batch_norm) -> subtree` is that choice;
+  `backbone` is the family's module (`backbone.for_arch(model_cfg["arch"])`).
   """
   apply: Callable[..., jax.Array]
   train_apply: Callable[..., tuple[jax.Array, PyTree]]
@@ -38,18 +42,22 @@ class Classifier:
   batch_stats: PyTree
   apply_both: Callable[..., tuple[jax.Array, jax.Array]] | None = None
   train_apply_both: Callable[..., tuple[tuple[jax.Array, jax.Array], PyTree]] | None = None
+  linearizable: Callable[..., PyTree] | None = None
+  backbone: Any = None
 
 
 def build_classifier(model_cfg: Mapping[str, Any], num_classes: int, in_channels: int,
                      seed: int) -> Classifier:
   cfg = dict(model_cfg, num_classes=num_classes, in_channels=in_channels)
-  model = resnet.build_resnet(cfg, rngs=nnx.Rngs(seed))
-  apply, params, batch_stats = resnet.split_apply(model)
-  train_apply, _, _ = resnet.split_train_apply(model)
-  features, _, _ = resnet.split_apply(model, output="features")
-  apply_both, _, _ = resnet.split_apply(model, output="both")
-  train_apply_both, _, _ = resnet.split_train_apply(model, output="both")
-  return Classifier(apply, train_apply, features, functools.partial(resnet.split_at, model),
-                    params, batch_stats, apply_both, train_apply_both)
-
-
+  bb = backbone_lib.for_arch(cfg["arch"])
+  model = bb.build(cfg, nnx.Rngs(seed))
+  apply, params, batch_stats = bb.split_apply(model, "logits")
+  train_apply, _, _ = bb.split_train_apply(model, "logits")
+  features, _, _ = bb.split_apply(model, "features")
+  apply_both, _, _ = bb.split_apply(model, "both")
+  train_apply_both, _, _ = bb.split_train_apply(model, "both")
+  select = backbone_lib.selector(bb)
+  split_at = functools.partial(bb.split_at, model)
+  split_at.select = select  # Read by `linearize.linearize`.
+  return Classifier(apply, train_apply, features, split_at, params, batch_stats,
+                    apply_both, train_apply_both, linearizable=select, backbone=bb)

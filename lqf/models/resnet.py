@@ -143,9 +143,13 @@ def _check_config(arch: str, depth: int, num_classes: int, width: int, activatio
                       ("in_channels", in_channels)):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
-  if activation not in ACTIVATIONS:
-    raise ValueError(f"unknown activation {activation!r}: use one of "
-                     f"{', '.join(ACTIVATIONS)}")
+  check_activation(activation, leaky_slope, ACTIVATIONS)
+
+
+def check_activation(activation: str, leaky_slope: float, allowed: tuple[str, ...]) -> None:
+  """Raises ValueError unless `activation` is one of `allowed` and 0 ≤ `leaky_slope` < 1."""
+  if activation not in allowed:
+    raise ValueError(f"unknown activation {activation!r}: use one of {', '.join(allowed)}")
   if not 0.0 <= leaky_slope < 1.0:
     raise ValueError(f"leaky_slope must be in [0, 1), got {leaky_slope!r}")
 
@@ -412,3 +416,31 @@ def split_at(model: ResNet, point: str, output: Literal["logits", "joint"] = "lo
     return head(net, jnp.mean(y, axis=(1, 2)))
 
   return prefix, suffix
+
+
+# The backbone protocol (`lqf.models.backbone`): what linearization needs to know about
+# a ResNet's weights, kept here so that nothing else names its keys.
+
+def build(cfg: Mapping[str, Any], rngs: nnx.Rngs) -> ResNet:
+  """`build_resnet`, under the protocol's name."""
+  return build_resnet(cfg, rngs=rngs)
+
+
+def scope_subtree(params: Mapping[str, Any], scope: str) -> dict[str, Any]:
+  """The nested part of `params` that scope "all" (every weight), "last_stage" (the last
+  residual stage and the head) or "head" linearizes, batch norm included."""
+  if scope == "all":
+    return dict(params)
+  if scope == "head":
+    return {"head": params["head"]}
+  if scope == "last_stage":
+    stages = params["stages"]
+    last = max(stages, key=int)
+    return {"stages": {last: stages[last]}, "head": params["head"]}
+  raise ValueError(f"unknown scope {scope!r}: use one of all, last_stage, head")
+
+
+def is_batch_norm(key: Any) -> bool:
+  """Whether a params key names a batch-norm layer (`bn1`, `bn_init`, `shortcut_bn`...):
+  those weights stay frozen unless linearization is asked to include batch norm."""
+  return isinstance(key, str) and "bn" in key

@@ -16,6 +16,10 @@ from lqf.errors import UserError, require
 
 ARCH_DEPTHS = {"cifar": (20, 32, 56), "imagenet": (18, 34, 50)}
 ACTIVATIONS = ("relu", "leaky_relu")
+VIT_ARCHS = ("vit",)
+VIT_INT_KEYS = ("patch", "dim", "depth", "heads", "mlp_dim")
+VIT_ACTIVATIONS = ("gelu", "relu", "leaky_relu")
+ARCHS = (*ARCH_DEPTHS, *VIT_ARCHS)
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -87,6 +91,22 @@ def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   return cfg
 
 
+def with_variants(cfg: ml_collections.ConfigDict, arg: str | None,
+                  variants: Mapping[str, Mapping[str, Any]]) -> ml_collections.ConfigDict:
+  """`cfg` with the settings of each variant named in `arg` (comma-separated, as in
+  `--config NAME:small,relu`) applied in order; None or "" leaves it as it is."""
+  for name in filter(None, (arg or "").split(",")):
+    require(name in variants, f"unknown config variant {name!r}: use one of "
+            f"{', '.join(variants)} (several joined by commas)")
+    for key, value in variants[name].items():
+      *parents, leaf = key.split(".")
+      node = cfg
+      for part in parents:
+        node = node[part]
+      node[leaf] = value
+  return cfg
+
+
 def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:
   """Sets `a.b.c=value` in place; the value is parsed as a Python literal when it can
   be, and must keep the type of the key it replaces (ints widen to floats)."""
@@ -140,8 +160,11 @@ def diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = ())
 
 
 def check_model(m: Mapping[str, Any]) -> None:
-  require(m["arch"] in ARCH_DEPTHS, f"unknown model.arch {m['arch']!r}: use one of "
-          f"{', '.join(ARCH_DEPTHS)}")
+  require(m["arch"] in ARCHS, f"unknown model.arch {m['arch']!r}: use one of "
+          f"{', '.join(ARCHS)}")
+  if m["arch"] in VIT_ARCHS:
+    _check_vit(m)
+    return
   require(m["depth"] in ARCH_DEPTHS[m["arch"]], f"model.depth {m['depth']} is not a "
           f"{m['arch']} ResNet: use one of {ARCH_DEPTHS[m['arch']]}")
   require(m["activation"] in ACTIVATIONS, f"unknown model.activation {m['activation']!r}: "
@@ -149,6 +172,25 @@ def check_model(m: Mapping[str, Any]) -> None:
   require(0.0 <= m["leaky_slope"] < 1.0, f"model.leaky_slope must be in [0, 1), got "
           f"{m['leaky_slope']}")
   require(m["width"] > 0, f"model.width must be positive, got {m['width']}")
+
+
+def _check_vit(m: Mapping[str, Any]) -> None:
+  for key in VIT_INT_KEYS:
+    require(key in m, f"model.{key} is missing: a {m['arch']} model needs "
+            f"{', '.join(VIT_INT_KEYS)}")
+    v = m[key]
+    require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+            f"model.{key} must be a positive integer, got {v!r}")
+  require(m["dim"] % m["heads"] == 0, f"model.dim ({m['dim']}) must be a multiple of "
+          f"model.heads ({m['heads']})")
+  if "image_size" in m:
+    require(m["image_size"] % m["patch"] == 0, f"model.image_size ({m['image_size']}) "
+            f"must be a multiple of model.patch ({m['patch']})")
+  activation = m.get("activation", "leaky_relu")
+  require(activation in VIT_ACTIVATIONS, f"unknown model.activation {activation!r}: "
+          f"use one of {', '.join(VIT_ACTIVATIONS)}")
+  slope = m.get("leaky_slope", 0.1)
+  require(0.0 <= slope < 1.0, f"model.leaky_slope must be in [0, 1), got {slope}")
 
 
 def check_data(d: Mapping[str, Any]) -> None:

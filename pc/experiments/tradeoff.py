@@ -127,7 +127,8 @@ def run(cfg: Mapping[str, Any], out: str, *, progress: bool = True) -> dict[str,
   clf = job.new_classifier(dict(cfg, init="finetune"), data.num_classes, cfg["seed"])
   solve.check_kernel_memory(
       len(data) * data.num_classes,
-      solve.linearized_size(clf.params, c["scope"], batch_norm=c["batch_norm"]),
+      solve.linearized_size(clf.params, c["scope"], batch_norm=c["batch_norm"],
+                              select=clf.linearizable),
       cfg["pc_lqf"]["max_gb"] * 1e9, what="the exact trade-off", limit="pc_lqf.max_gb")
   try:
     os.makedirs(out, exist_ok=True)

@@ -5,6 +5,11 @@ images); evaluated on the clean test split (600 images). The target task that
 `digits_transfer` fine-tunes on is the other half, corrupted.
 
     python -m lqf pretrain --config digits_pretrain --workdir runs/pretrain
+    python -m lqf pretrain --config digits_pretrain:small --workdir runs/pretrain_small
+
+Variants (`get_config(arg)`, named after a colon; several joined by commas): `small` (width
+8, another seed: the old model of the PC and BCT updates), `relu` (the ReLU ablation),
+`r32` (ResNet-32: the large gallery model of heterogeneous BCT) and `seed1`.
 
 Expected: about 99% test accuracy on clean digits (the command prints it), about two minutes
 on a 2-core CPU.
@@ -39,7 +44,15 @@ def model_config() -> ml_collections.ConfigDict:
       arch="cifar", depth=20, width=16, activation="leaky_relu", leaky_slope=0.1))
 
 
-def get_config() -> ml_collections.ConfigDict:
+VARIANTS = {
+    "small": {"model.width": 8, "seed": 1},
+    "relu": {"model.activation": "relu"},
+    "r32": {"model.depth": 32},
+    "seed1": {"seed": 1},
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = model_config()
@@ -48,4 +61,4 @@ def get_config() -> ml_collections.ConfigDict:
       optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=128,
       steps=600, warmup_steps=30, checkpoint_every=100, eval_every=100, log_every=20)
   c.parallel = config_lib.parallel_config()
-  return c
+  return config_lib.with_variants(c, arg, VARIANTS)
