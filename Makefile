@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install data clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "graceful needs Python 3.11; set PYTHON=python3.11"'
@@ -18,6 +18,33 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m lqf demo --workdir runs/demo
+
+# Fashion-MNIST's four IDX files: the Debian package where apt-get and root (or sudo) are
+# there (updating the package lists if the first try fails), otherwise how to get them.
+# The files may also lie anywhere GRACEFUL_FASHION_MNIST_DIR (or data.idx_dir) points.
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+FASHION_MNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
+	t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
+
+data:
+	@missing=0; \
+	for f in $(FASHION_MNIST_FILES); do [ -f $(FASHION_MNIST_DIR)/$$f ] || missing=1; done; \
+	if [ $$missing = 0 ]; then \
+	  echo "Fashion-MNIST is in $(FASHION_MNIST_DIR)"; \
+	elif command -v apt-get >/dev/null && \
+	    { [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null; }; then \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo apt-get install -y dataset-fashion-mnist || \
+	    { $$sudo apt-get update && $$sudo apt-get install -y dataset-fashion-mnist; }; \
+	else \
+	  echo "Cannot install the Debian package dataset-fashion-mnist here" \
+	    "(it needs apt-get, and root or sudo)."; \
+	  echo "Download $(FASHION_MNIST_FILES)"; \
+	  echo "from https://github.com/zalandoresearch/fashion-mnist (folder data/fashion)" \
+	    "into a directory, then:"; \
+	  echo "export GRACEFUL_FASHION_MNIST_DIR=/that/directory (or set data.idx_dir)"; \
+	  exit 1; \
+	fi
 
 # Two pytest-xdist workers: most tests are single-threaded (compiles, tiny models).
 test: $(STAMP)

@@ -98,3 +98,9 @@ def test_unknown_dataset_is_named(tiny_config):
 def test_unknown_split_lists_the_splits(tiny_config):
   with pytest.raises(UserError, match="its splits are: test, train"):
     pipeline.load_split(_cfg(tiny_config), "validation", corrupted=False)
+
+
+def test_num_classes_is_the_label_count_of_the_eval_split(tiny_config):
+  d = tiny_config.data
+  assert pipeline.num_classes(d) == 10
+  assert pipeline.load_split(d, d.eval_split, corrupted=False).num_classes == 10
