@@ -54,19 +54,17 @@ if os.path.basename(os.getcwd()) == "notebooks":  # Work from the repository roo
 # dimensions, and a new query meets the old gallery through its first 32 coordinates.
 
 # %%
-def backbone(workdir, overrides):
+def backbone(spec):
   quick = ["train.steps=15", "train.checkpoint_every=15", "model.width=4"] if QUICK else []
-  return pretrained_run(workdir, "digits_pretrain",
-                        list(overrides) + quick)
+  return pretrained_run(spec, suffix="_notebook_quick" if QUICK else "", overrides=quick,
+                        progress=False)
 
 base = config_lib.load("digits_bct")
-suffix = "_notebook_quick" if QUICK else ""
-new_dir = backbone(base.new.pretrained_workdir + suffix, [])
-old_dir = backbone(base.old.pretrained_workdir + suffix, list(base.old.pretrain_overrides))
-overrides = [f"new.pretrained_workdir={new_dir}", f"old.pretrained_workdir={old_dir}"]
+new_dir, old_dir = backbone(base.new.pretrained), backbone(base.old.pretrained)
+overrides = [f"new.pretrained.workdir={new_dir}", f"old.pretrained.workdir={old_dir}"]
 if QUICK:
   overrides += ["train.steps=15", "old.finetune.steps=15", "new.shots=5",
-                "bct_lqf.rhos=(0.0,0.5,1.0)", "data.image_size=8"]
+                "curve.rhos=(0.0,0.5,1.0)", "data.image_size=8"]
 cfg = config_lib.load("digits_bct", overrides)
 data, evaluation = job.load_data(cfg)
 classes = tuple(range(data.num_classes))
@@ -113,7 +111,7 @@ for m in ("independent", "bct"):
 # head's wish. Each point below is an exact solution, nothing retrained.
 
 # %%
-curve = job_curve.lqf_curve(cfg, data, evaluation, old, cfg.bct_lqf.rhos, cfg.seed)
+curve = job_curve.lqf_curve(cfg, data, evaluation, old, cfg.curve.rhos, cfg.seed)
 print(job_curve.format_table({"old/old": curve["old/old"], "points": curve["points"]}))
 pts = [job_curve.flat_point(p) for p in curve["points"]]
 fig, ax = plt.subplots(figsize=(5, 4))

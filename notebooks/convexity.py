@@ -35,9 +35,9 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
-from lqf import UserError, convexity, finetune, linearize, objective, optim, solve
+from lqf import convexity, finetune, linearize, objective, optim, solve
 from lqf.data import pipeline
-from lqf.experiments import pretrain
+from lqf.experiments import pretrain, pretrained_run
 from lqf.runtime import config as config_lib
 
 QUICK = os.environ.get("GRACEFUL_NOTEBOOK_QUICK", "1") == "1"
@@ -54,16 +54,10 @@ if os.path.basename(os.getcwd()) == "notebooks":  # Work from the repository roo
 
 # %%
 cfg = config_lib.load("digits_transfer")
-pre = config_lib.load(cfg.pretrain_config,
-                      ["train.steps=40", "train.checkpoint_every=40"] if QUICK else [])
-workdir = "runs/notebook_quick_pretrain" if QUICK else cfg.pretrain_workdir
-if QUICK:
-  pre.model.width = 8
-try:
-  pre_record, source = pretrain.load_pretrained(workdir)
-except UserError:  # No finished run yet: train one.
-  pretrain.pretrain(pre, workdir, progress=False)
-  pre_record, source = pretrain.load_pretrained(workdir)
+quick = ["train.steps=40", "train.checkpoint_every=40", "model.width=8"] if QUICK else []
+workdir = pretrained_run(cfg.pretrained, suffix="_convexity_quick" if QUICK else "",
+                         overrides=quick, progress=False)
+pre_record, source = pretrain.load_pretrained(workdir)
 
 data = pipeline.load_split(cfg.data, cfg.data.train_split, corrupted=True, shots=5,
                            subset_seed=0)

@@ -37,7 +37,7 @@ import numpy as np
 from lqf.experiments import pretrained_run
 from lqf.runtime import config as config_lib
 from pc import metrics
-from pc.experiments import tradeoff as job_tradeoff
+from pc.experiments import curve as job_curve
 from pc.experiments import train as job
 
 QUICK = os.environ.get("GRACEFUL_NOTEBOOK_QUICK", "1") == "1"
@@ -52,20 +52,18 @@ if os.path.basename(os.getcwd()) == "notebooks":  # Work from the repository roo
 # exist): the new model's ResNet-20 of width 16 and the old model's of width 8.
 
 # %%
-def backbone(workdir, overrides):
+def backbone(spec):
   quick = ["train.steps=15", "train.checkpoint_every=15", "model.width=4"] if QUICK else []
-  return pretrained_run(workdir, "digits_pretrain",
-                        list(overrides) + quick)
+  return pretrained_run(spec, suffix="_notebook_quick" if QUICK else "", overrides=quick,
+                        progress=False)
 
 base = config_lib.load("digits_pc")
-suffix = "_notebook_quick" if QUICK else ""
-new_dir = backbone(base.pretrained_workdir + suffix, [])
-old_dir = backbone(base.old.pretrained_workdir + suffix, list(base.old.pretrain_overrides))
-overrides = [f"pretrained_workdir={new_dir}", f"old.pretrained_workdir={old_dir}"]
+new_dir, old_dir = backbone(base.pretrained), backbone(base.old.pretrained)
+overrides = [f"pretrained.workdir={new_dir}", f"old.pretrained.workdir={old_dir}"]
 if QUICK:
   # Tiny models that barely learn: the old logits are used as they are (target=logits).
-  overrides += ["train.steps=15", "old.finetune.steps=15", "tradeoff.rhos=(0.0,0.5,1.0)",
-                "data.image_size=8", "pc_lqf.target=logits"]
+  overrides += ["train.steps=15", "old.finetune.steps=15", "curve.rhos=(0.0,0.5,1.0)",
+                "data.image_size=8", "term.target=logits"]
 cfg = config_lib.load("digits_pc", overrides)
 data, evaluation = job.load_data(cfg)
 old = job.predictor(job.old_model(cfg, data.num_classes))
@@ -123,7 +121,7 @@ for name, r in rows.items():
 # the exact optimum at every ρ: each point below is an exact solution, nothing retrained.
 
 # %%
-curve = job_tradeoff.lqf_curve(cfg, data, evaluation, old, cfg.tradeoff.rhos, cfg.seed)
+curve = job_curve.lqf_curve(cfg, data, evaluation, old, cfg.curve.rhos, cfg.seed)
 points = curve["points"]
 for p in points:
   print(f"rho {p['rho']:<5g} ER_new {100 * p['ER_new']:6.2f}%  NFR {100 * p['NFR']:5.2f}%  "

@@ -58,7 +58,7 @@ def old_targets(old_logits: np.ndarray, labels: np.ndarray, *, k: float, mode: s
   a, b = np.linalg.lstsq(np.stack([x, np.ones_like(x)], 1), y.reshape(-1), rcond=None)[0]
   if not a > 0:
     raise UserError("the old model's logits are not positively related to its labels "
-                    f"(fitted scale a = {a:.3g}): use pc_lqf.target=logits, or check that "
+                    f"(fitted scale a = {a:.3g}): use term.target=logits, or check that "
                     "the old model and the labels share one label set")
   return (a * old_logits + b).astype(np.float32), {"a": float(a), "b": float(b)}
 

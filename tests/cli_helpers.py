@@ -26,7 +26,7 @@ def tiny_finetune_config(pretrained, scope, *extra):
   few steps long."""
   from lqf.runtime import config as config_lib  # pylint: disable=g-import-not-at-top
   return config_lib.load("digits_finetune", [
-      f"pretrained_workdir={pretrained}", "data.image_size=8", "shots=2",
+      f"pretrained.workdir={pretrained}", "data.image_size=8", "shots=2",
       f"lqf.scope={scope}", "lqf.steps=4", "lqf.checkpoint_every=2",
       "finetune.steps=4", "finetune.checkpoint_every=2", "finetune.log_every=1",
       "finetune.eval_every=4", "probe.steps=20", *extra])

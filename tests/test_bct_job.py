@@ -8,22 +8,21 @@ import pytest
 
 from bct.experiments import curve as job_curve
 from bct.experiments import train as job
+from bct.experiments.bench import SPECS
 from lqf.errors import UserError
 from lqf.experiments import finetune as job_finetune
 from lqf.experiments import pretrain
 from lqf.runtime import config as config_lib
 
-SPECS = ("new", "old", "hetero.gallery", "hetero.query", "chain.v2", "chain.v3")
-
 
 def _overrides(pretrained, *, old=None):
-  out = [f"{s}.pretrained_workdir={pretrained}" for s in SPECS]
+  out = [f"{s}.pretrained.workdir={pretrained}" for s in SPECS]
   if old:
-    out.append(f"old.pretrained_workdir={old}")
+    out.append(f"old.pretrained.workdir={old}")
   return out + [
       "data.image_size=8", "new.shots=3", "old.shots=3", "old.finetune.steps=3",
       "train.steps=4", "train.checkpoint_every=2", "train.log_every=1",
-      "train.eval_every=4", "bct_lqf.rhos=(0.0,0.5,1.0)", "bct_lqf.batch_size=16"]
+      "train.eval_every=4", "curve.rhos=(0.0,0.5,1.0)", "term.batch_size=16"]
 
 
 def _cfg(pretrained, *extra, old=None):
@@ -145,7 +144,7 @@ def test_bench_reports_every_arm_and_its_goals(pretrained, tmp_path):
 
 def test_a_chain_constrained_by_every_predecessor(pretrained):
   from bct.experiments import bench
-  cfg = config_lib.to_dict(_cfg(pretrained, "chain.mode=all", "train.steps=2"))
+  cfg = config_lib.to_dict(_cfg(pretrained, "bench.chain.mode=all", "train.steps=2"))
   data, evaluation = job.load_data(cfg)
   v1 = job.old_model(cfg, data.num_classes)
   table = bench.chain_matrix(cfg, data, evaluation, v1, seed=0)
@@ -159,13 +158,13 @@ def test_old_model_loaded_from_a_nonlinear_finetuning_run(pretrained, tmp_path):
   """README advertises `--config.old.workdir=<a nonlinear lqf finetune run>`; the old
   model is that run's network, its embedding the one the run trained."""
   ft = config_lib.load("digits_finetune", [
-      f"pretrained_workdir={pretrained}", "data.image_size=8", "shots=2", "method=nonlinear",
+      f"pretrained.workdir={pretrained}", "data.image_size=8", "shots=2", "method=nonlinear",
       "finetune.steps=3", "finetune.checkpoint_every=3", "finetune.eval_every=3"])
   job_finetune.run(ft, str(tmp_path / "old"), progress=False)
   run_cfg, model = job.load_model(str(tmp_path / "old"))
   assert run_cfg["method"] == "nonlinear" and model.classes == tuple(range(10))
   restored = pretrain.restore_final(
-      job.new_classifier({"pretrained_workdir": pretrained}, 10, 1, 0, {"head": "linear"}),
+      job.new_classifier({"pretrained": {"workdir": pretrained}}, 10, 1, 0, {"head": "linear"}),
       ft.finetune, str(tmp_path / "old"))
   images = np.zeros((2, 8, 8, 1), np.float32)
   np.testing.assert_allclose(model.embed(images), restored.features(

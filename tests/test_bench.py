@@ -32,7 +32,7 @@ def test_transfer_goals():
 
 @pytest.fixture(scope="module")
 def pre(tmp_path_factory):
-  return f"pretrain_workdir={tmp_path_factory.mktemp('bench') / 'pre'}"
+  return f"pretrained.workdir={tmp_path_factory.mktemp('bench') / 'pre'}"
 
 
 def test_quick_transfer_bench_writes_the_documented_json(tmp_path, pre):

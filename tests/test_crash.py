@@ -34,23 +34,23 @@ def _train_overrides(pretrained):
   return [f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=2",
           "--config.train.log_every=1", "--config.train.eval_every=3",
           "--config.data.image_size=8", "--config.old.finetune.steps=2",
-          f"--config.old.pretrained_workdir={pretrained}"]
+          f"--config.old.pretrained.workdir={pretrained}"]
 
 
 COMMANDS = {  # name -> (module, command and config, overrides given the pretrained run)
     "pretrain": ("lqf", ["pretrain", "--config", "digits_pretrain"],
                  lambda pre: PRETRAIN),
     "finetune_lqf": ("lqf", ["finetune", "--config", "digits_finetune"],
-                     lambda pre: [f"--config.pretrained_workdir={pre}",
+                     lambda pre: [f"--config.pretrained.workdir={pre}",
                                   "--config.data.image_size=8", "--config.shots=2",
                                   "--config.lqf.scope=last_stage",
                                   f"--config.lqf.steps={STEPS}",
                                   "--config.lqf.checkpoint_every=2"]),
     "pc": ("pc", ["train", "--config", "digits_pc"],
-           lambda pre: [f"--config.pretrained_workdir={pre}", "--config.shots=2",
+           lambda pre: [f"--config.pretrained.workdir={pre}", "--config.shots=2",
                         "--config.old.shots=2", *_train_overrides(pre)]),
     "bct": ("bct", ["train", "--config", "digits_bct"],
-            lambda pre: [f"--config.new.pretrained_workdir={pre}", "--config.new.shots=3",
+            lambda pre: [f"--config.new.pretrained.workdir={pre}", "--config.new.shots=3",
                          "--config.old.shots=3", *_train_overrides(pre)]),
 }
 

@@ -56,11 +56,11 @@ def test_mismatched_channels_are_refused(pretrained, tmp_path):
     ("lqf.damping=0", "lqf.damping must be positive"),
     ("method=magic", "unknown method 'magic'"),
     ("data.augment.crop_padding=2", "lqf computes the frozen prefix once per image"),
-    ("pretrained_workdir=/nonexistent/run", "no pretraining run in '/nonexistent/run'"),
+    ("pretrained.workdir=/nonexistent/run", "no pretraining run in '/nonexistent/run'"),
 ])
 def test_cli_errors(pretrained, tmp_path, override, match):
   workdir = tmp_path / "w"
   args = ["finetune", "--config", "digits_finetune", "--workdir", str(workdir),
-          f"--config.pretrained_workdir={pretrained}", f"--config.{override}"]
+          f"--config.pretrained.workdir={pretrained}", f"--config.{override}"]
   assert_one_line_error(run_cli(*args), match)
   assert not workdir.exists()

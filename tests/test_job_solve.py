@@ -16,7 +16,7 @@ from lqf.runtime import config as config_lib
 
 def _cfg(pretrained, *extra):
   return config_lib.load("digits_finetune", [
-      f"pretrained_workdir={pretrained}", "data.image_size=8", "shots=2",
+      f"pretrained.workdir={pretrained}", "data.image_size=8", "shots=2",
       "lqf.scope=last_stage", "lqf.steps=40", "lqf.checkpoint_every=40", *extra])
 
 
@@ -67,7 +67,7 @@ def test_solve_cli_errors(pretrained, tmp_path, override, match):
   workdir = tmp_path / "w"
   extra = ["--config.solve.method=kernel"] if "max_gb" in override else []
   args = ["solve", "--config", "digits_finetune", "--workdir", str(workdir),
-          f"--config.pretrained_workdir={pretrained}", "--config.data.image_size=8",
+          f"--config.pretrained.workdir={pretrained}", "--config.data.image_size=8",
           f"--config.{override}", *extra]
   assert_one_line_error(run_cli(*args), match)
   assert not workdir.exists()

@@ -105,7 +105,7 @@ def one_device(tmp_path_factory):
 
 
 def _finetune_cfg(pretrained, *extra):
-  return _load("digits_finetune", f"pretrained_workdir={pretrained}", "data.image_size=8",
+  return _load("digits_finetune", f"pretrained.workdir={pretrained}", "data.image_size=8",
                "shots=4", "lqf.scope=last_stage", "lqf.steps=3", "lqf.checkpoint_every=3",
                "finetune.steps=3", "finetune.checkpoint_every=3", "finetune.log_every=1",
                "finetune.eval_every=3", *extra)
@@ -150,12 +150,12 @@ def test_exact_solvers_data_passes_on_8_devices_equal_one(pretrained, tmp_path):
 
 
 def _pc_overrides(pretrained):
-  return [f"pretrained_workdir={pretrained}", f"old.pretrained_workdir={pretrained}",
+  return [f"pretrained.workdir={pretrained}", f"old.pretrained.workdir={pretrained}",
           "shots=4", "old.shots=4"]
 
 
 def _bct_overrides(pretrained):
-  return [f"new.pretrained_workdir={pretrained}", f"old.pretrained_workdir={pretrained}",
+  return [f"new.pretrained.workdir={pretrained}", f"old.pretrained.workdir={pretrained}",
           "new.shots=4", "old.shots=8"]
 
 

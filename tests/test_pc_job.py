@@ -10,16 +10,16 @@ from lqf.errors import UserError
 from lqf.experiments import finetune as job_finetune
 from lqf.runtime import config as config_lib
 from pc import metrics
-from pc.experiments import tradeoff as job_tradeoff
+from pc.experiments import curve as job_curve
 from pc.experiments import train as job
 
 
 def _overrides(pretrained):
-  return [f"pretrained_workdir={pretrained}", f"old.pretrained_workdir={pretrained}",
+  return [f"pretrained.workdir={pretrained}", f"old.pretrained.workdir={pretrained}",
           "data.image_size=8", "shots=2", "old.shots=2", "old.finetune.steps=3",
           "train.steps=4", "train.checkpoint_every=2", "train.log_every=1",
-          "train.eval_every=4", "pc.ensemble_size=2", "tradeoff.rhos=(0.0,0.5,1.0)",
-          "tradeoff.references=('none',)"]
+          "train.eval_every=4", "pc.ensemble_size=2", "curve.rhos=(0.0,0.5,1.0)",
+          "curve.references=('none',)"]
 
 
 def _cfg(pretrained, *extra):
@@ -69,7 +69,7 @@ def test_ensemble_averages_its_members(pretrained, tmp_path):
 
 def test_old_model_loaded_from_a_finetuning_run(pretrained, tmp_path):
   ft = config_lib.load("digits_finetune", [
-      f"pretrained_workdir={pretrained}", "data.image_size=8", "shots=2", "method=nonlinear",
+      f"pretrained.workdir={pretrained}", "data.image_size=8", "shots=2", "method=nonlinear",
       "finetune.steps=3", "finetune.checkpoint_every=3", "finetune.eval_every=3"])
   job_finetune.run(ft, str(tmp_path / "old"), progress=False)
   result = job.run(_cfg(pretrained, f"old.workdir={tmp_path / 'old'}", "pc.method=none"),
@@ -78,12 +78,12 @@ def test_old_model_loaded_from_a_finetuning_run(pretrained, tmp_path):
   assert 1 - result["eval"]["rates"]["ER_old"] == pytest.approx(ft_acc)
 
 
-def test_tradeoff_writes_json_csv_png_with_exact_end_points(pretrained, tmp_path):
-  doc = job_tradeoff.run(_cfg(pretrained), str(tmp_path), progress=False)
-  for name in ("tradeoff.json", "tradeoff.csv", "tradeoff.png"):
+def test_curve_writes_json_csv_png_with_exact_end_points(pretrained, tmp_path):
+  doc = job_curve.run(_cfg(pretrained), str(tmp_path), progress=False)
+  for name in ("curve.json", "curve.csv", "curve.png"):
     assert (tmp_path / name).stat().st_size > 0
-  assert open(tmp_path / "tradeoff.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-  rows = open(tmp_path / "tradeoff.csv").read().splitlines()
+  assert open(tmp_path / "curve.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  rows = open(tmp_path / "curve.csv").read().splitlines()
   assert rows[0].startswith("rho,ER_new,NFR") and len(rows) == 4
   points = doc["lqf_pc"]["points"]
   assert [p["rho"] for p in points] == [0.0, 0.5, 1.0]
@@ -91,14 +91,14 @@ def test_tradeoff_writes_json_csv_png_with_exact_end_points(pretrained, tmp_path
   for p in points:
     assert p["ER_new"] - p["ER_old"] == pytest.approx(p["NFR"] - p["PFR"], abs=1e-12)
   assert metrics.best_at(points, 1.0) is not None
-  assert "lqf+pc rho=0.5" in job_tradeoff.format_table(doc)
+  assert "lqf+pc rho=0.5" in job_curve.format_table(doc)
 
 
-def test_tradeoff_cli_refuses_shares_outside_the_unit_interval(pretrained, tmp_path):
+def test_curve_cli_refuses_shares_outside_the_unit_interval(pretrained, tmp_path):
   args = [f"--config.{o}" for o in _overrides(pretrained)]
-  proc = run_cli("tradeoff", "--config", "digits_pc", "--out", str(tmp_path / "o"),
-                 *args, "--config.tradeoff.rhos=(0.0,1.5)", module="pc")
-  assert_one_line_error(proc, "tradeoff.rhos must be a non-empty list of shares in [0, 1]")
+  proc = run_cli("curve", "--config", "digits_pc", "--out", str(tmp_path / "o"),
+                 *args, "--config.curve.rhos=(0.0,1.5)", module="pc")
+  assert_one_line_error(proc, "curve.rhos must be a non-empty list of shares in [0, 1]")
   assert not (tmp_path / "o").exists()
 
 
@@ -120,7 +120,7 @@ def test_cli_errors(pretrained, tmp_path, override, match):
 
 def test_label_sets_that_differ_are_refused(pretrained, tmp_path):
   ft = config_lib.load("digits_finetune", [
-      f"pretrained_workdir={pretrained}", "data.image_size=8", "shots=2", "method=nonlinear",
+      f"pretrained.workdir={pretrained}", "data.image_size=8", "shots=2", "method=nonlinear",
       "finetune.steps=2", "finetune.checkpoint_every=2", "finetune.eval_every=2"])
   job_finetune.run(ft, str(tmp_path / "old"), progress=False)
   record = json.load(open(tmp_path / "old" / "config.json"))
@@ -155,9 +155,9 @@ def test_cli_train_prints_its_results(pretrained, tmp_path, capsys, monkeypatch)
 
 def test_bench_reports_every_arm_and_its_goals(pretrained, tmp_path):
   from pc.experiments import bench
-  tiny = [o for o in _overrides(pretrained) if not o.startswith("tradeoff.references")]
+  tiny = [o for o in _overrides(pretrained) if not o.startswith("curve.references")]
   doc = bench.run(json_path=str(tmp_path / "pc.json"), seeds=1, quick=False,
-                  overrides=tiny + ["lam_grid=(1.0,)", "pc_lqf.target=logits"])
+                  overrides=tiny + ["bench.lam_grid=(1.0,)", "term.target=logits"])
   arms = doc["arms"]
   assert {"none", "naive", "fd_kl", "fd_lm", "ensemble", "lqf", "lqf_pc@rho=0.5"} <= set(arms)
   for arm in arms.values():

@@ -17,7 +17,7 @@ from lqf.experiments import finetune as job_finetune
 from lqf.experiments import pretrain
 from lqf.runtime import config as config_lib
 from pc.experiments import cli as pc_cli
-from pc.experiments import tradeoff as pc_tradeoff
+from pc.experiments import curve as pc_curve
 from pc.experiments import train as pc_train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ CHECKS = {("lqf", "pretrain"): [pretrain.check_config],
           ("lqf", "finetune"): [job_finetune.check_config],
           ("lqf", "solve"): [job_finetune.check_config, job_finetune.check_solve_config],
           ("pc", "train"): [pc_train.check_config],
-          ("pc", "tradeoff"): [pc_tradeoff.check_config],
+          ("pc", "curve"): [pc_curve.check_config],
           ("bct", "train"): [bct_train.check_config],
           ("bct", "curve"): [bct_curve.check_config]}
 # Commands of other tools, each with the reason it is not run here.

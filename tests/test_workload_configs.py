@@ -52,9 +52,9 @@ def imported(tmp_path_factory):
 def test_config_runs_on_stand_ins(imported, tmp_path, name):
   package, overrides = CONFIGS[name]
   cfg = config_lib.load(name, [
-      f"pretrained_workdir={imported}" if "bct" not in name else
-      f"new.pretrained_workdir={imported}", "data.image_size=32", "parallel.devices=1",
-      *overrides] + ([f"old.pretrained_workdir={imported}"] if "lqf" not in name else []))
+      f"pretrained.workdir={imported}" if "bct" not in name else
+      f"new.pretrained.workdir={imported}", "data.image_size=32", "parallel.devices=1",
+      *overrides] + ([f"old.pretrained.workdir={imported}"] if "lqf" not in name else []))
   job = importlib.import_module(package)
   with tfds.testing.mock_data(num_examples=60, policy=tfds.testing.MockPolicy.USE_CODE):
     if "bct" in name:

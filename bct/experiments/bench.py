@@ -7,7 +7,7 @@ retrieval on the test split (every image a query and a gallery item):
 
 * `independent`, `l2`, `bct`: the new model fine-tuned with that loss (nonlinear);
 * `lqf`, `lqf_bct`: the linearized new model solved exactly without (ρ = 0) and with
-  the influence term (ρ = `bct_lqf.rho`);
+  the influence term (ρ = `term.rho`);
 * `hetero_*`: a small query model (ResNet-20, width 8) against a large gallery model
   (ResNet-32, width 16), trained with BCT against the large one or independently;
 * `chain`: v1 (the old model) -> v2 -> v3, each trained with BCT against its
@@ -35,25 +35,18 @@ from lqf.runtime.io import atomic_write_json
 CONFIG = "digits_bct"
 NONLINEAR = ("independent", "l2", "bct")
 QUICK = ("train.steps=10", "old.finetune.steps=10", "new.shots=3", "old.shots=3",
-         "bct_lqf.rhos=(0.0,0.5)")
+         "curve.rhos=(0.0,0.5)")
 METRICS = ("top1", "top5", "mAP")
+
+
+SPECS = ("new", "old", "bench.hetero.gallery", "bench.hetero.query", "bench.chain.v2",
+         "bench.chain.v3")
 
 
 def ensure_backbones(cfg: Mapping[str, Any], quick: bool) -> list[str]:
   """Overrides pointing every model of the config at a finished pretraining run,
   pretrained first when missing (`_quick` runs of 20 steps in quick mode)."""
-  out = []
-  for key in ("new", "old", "hetero.gallery", "hetero.query", "chain.v2", "chain.v3"):
-    spec = cfg
-    for part in key.split("."):
-      spec = spec[part]
-    lqf_bench.ensure_pretrained(
-        {"pretrain_workdir": spec["pretrained_workdir"],
-         "pretrain_config": cfg["pretrain_config"]}, quick,
-        overrides=tuple(spec["pretrain_overrides"]))
-    out.append(f"{key}.pretrained_workdir={spec['pretrained_workdir']}"
-               + ("_quick" if quick else ""))
-  return out
+  return lqf_bench.backbone_overrides(cfg, [f"{k}.pretrained" for k in SPECS], quick)
 
 
 def _pairs(arms: Sequence[str]) -> list[tuple[str, str]]:
@@ -77,7 +70,7 @@ def run_update(cfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
   t0 = time.perf_counter()
   linear = job_curve.Linearized(cfg, data, old, seed)
   models["lqf"] = linear.model(0.0)[0]
-  models["lqf_bct"] = linear.model(float(cfg["bct_lqf"]["rho"]))[0]
+  models["lqf_bct"] = linear.model(float(cfg["term"]["rho"]))[0]
   timing["lqf_path"] = time.perf_counter() - t0
   update = job.cross_retrieval(cfg, models, evaluation,
                                _pairs(NONLINEAR + ("lqf", "lqf_bct")))
@@ -93,7 +86,7 @@ def run_update(cfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
 def heterogeneous(cfg: Mapping[str, Any], data, evaluation, seed: int
                   ) -> dict[str, dict[str, float]]:
   """A small query model trained against a large gallery model that saw every class."""
-  h, b = cfg["hetero"], cfg["bct"]
+  h, b = cfg["bench"]["hetero"], cfg["bct"]
   everything = dict(classes=())
   large = job.fit_model(cfg, dict(h["gallery"], **everything), data, cfg["train"],
                         seed=seed, log_name="large")
@@ -112,11 +105,11 @@ def heterogeneous(cfg: Mapping[str, Any], data, evaluation, seed: int
 def chain_matrix(cfg: Mapping[str, Any], data, evaluation, v1: job.Model, seed: int
                  ) -> dict[str, dict[str, float]]:
   """v1 -> v2 -> v3 and the retrieval of every (query version, gallery version)."""
-  c, b = cfg["chain"], cfg["bct"]
+  c, b = cfg["bench"]["chain"], cfg["bct"]
   versions = {"v1": v1}
   for name in ("v2", "v3"):
     spec = c[name]
-    classes = job.label_set(spec["classes"], data.num_classes, f"chain.{name}.classes")
+    classes = job.label_set(spec["classes"], data.num_classes, f"bench.chain.{name}.classes")
     olds = list(versions.values()) if c["mode"] == "all" else [list(versions.values())[-1]]
     heads = [job.old_head(o, classes, data, b["synth_norm"], b["synth_center"])
              for o in olds]

@@ -53,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
                   "without the constraint (bct.method=independent): adds the update gain")
   cu = sub.add_parser("curve", help="the exact new/new against new/old curve of the "
                       "linearized model", description="Config overrides: "
-                      "--config.bct_lqf.rhos=(0,0.5,1) and so on.")
+                      "--config.curve.rhos=(0,0.5,1) and so on.")
   cu.add_argument("--config", required=True, help=lqf_cli.CONFIG_HELP)
   cu.add_argument("--out", required=True, help="folder for curve.json, .csv and .png")
   lqf_cli.add_bench_parser(sub, "the BCT benchmark; writes its JSON")

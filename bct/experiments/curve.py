@@ -2,7 +2,7 @@
 
 The new model is the pretrained backbone under a fresh head, linearized around its
 weights (joint output: logits and embedding). Its LQF objective with the influence term
-(`bct.lqf_term`) is solved exactly at every share ρ in `bct_lqf.rhos` from one Jacobian,
+(`bct.lqf_term`) is solved exactly at every share ρ in `curve.rhos` from one Jacobian,
 and each optimum's embedding is scored by cross-model retrieval against the old model:
 new/new (the new model's own gallery, after a backfill) against new/old (no backfill).
 Writes `DIR/curve.json`, `DIR/curve.csv` and `DIR/curve.png`.
@@ -27,6 +27,7 @@ from lqf.errors import require
 import lqf.linearize as linearize
 import lqf.runtime.config as config_lib
 from lqf.runtime.io import atomic_savefig, atomic_write_json, atomic_write_text, csv_text
+import lqf.runtime.parallel as parallel
 import lqf.solve as solve
 
 CSV_FIELDS = ("rho", "new/new top1", "new/old top1", "new/new mAP", "new/old mAP",
@@ -35,12 +36,9 @@ CSV_FIELDS = ("rho", "new/new top1", "new/old top1", "new/new mAP", "new/old mAP
 
 def check_config(cfg: Mapping[str, Any]) -> None:
   job.check_config(cfg)
-  q = cfg["bct_lqf"]
-  require(len(q["rhos"]) > 0 and all(0.0 <= r <= 1.0 for r in q["rhos"]),
-          f"bct_lqf.rhos must be a non-empty list of shares in [0, 1], got {q['rhos']}")
-  require(0.0 <= q["rho"] <= 1.0, f"bct_lqf.rho must be in [0, 1], got {q['rho']}")
-  require(q["max_gb"] > 0 and q["batch_size"] > 0,
-          "bct_lqf.max_gb and bct_lqf.batch_size must be positive")
+  config_lib.check_curve(cfg["curve"], cfg["term"])
+  rho = cfg["term"]["rho"]
+  require(0.0 <= rho <= 1.0, f"term.rho must be in [0, 1], got {rho}")
   require(cfg["lqf"]["k"] > 0 and cfg["lqf"]["lam"] > 0,
           "lqf.k and lqf.lam must be positive for the exact solve")
 
@@ -50,7 +48,7 @@ class Linearized:
 
   def __init__(self, cfg: Mapping[str, Any], data: pipeline.ImageSplit, old: job.Model,
                seed: int):
-    c, q, b = cfg["lqf"], cfg["bct_lqf"], cfg["bct"]
+    c, q, b = cfg["lqf"], cfg["term"], cfg["bct"]
     self.classes = job.label_set(cfg["new"]["classes"], data.num_classes, "new.classes")
     self.num_classes = len(self.classes)
     clf = job.new_classifier(cfg["new"], self.num_classes, cfg["data"]["channels"], seed,
@@ -141,14 +139,14 @@ def run(cfg: Mapping[str, Any], out: str) -> dict[str, Any]:
   """Computes the curve of `cfg` and writes it to `out`."""
   check_config(cfg)
   data, evaluation = job.load_data(cfg)
-  old = job.old_model(cfg, data.num_classes)
+  old = job.old_model(cfg, data.num_classes, parallel.mesh_for(cfg))
   try:
     os.makedirs(out, exist_ok=True)
   except OSError as e:
     require(False, f"--out {out!r} cannot be written ({e.strerror}): choose a writable folder")
   print("solving the linearized model along rho ...", file=sys.stderr)
   doc = {"config": config_lib.to_dict(cfg),
-         **lqf_curve(cfg, data, evaluation, old, cfg["bct_lqf"]["rhos"], cfg["seed"])}
+         **lqf_curve(cfg, data, evaluation, old, cfg["curve"]["rhos"], cfg["seed"])}
   atomic_write_json(os.path.join(out, "curve.json"), doc)
   atomic_write_text(os.path.join(out, "curve.csv"), to_csv(doc["points"]))
   plot(doc, os.path.join(out, "curve.png"))

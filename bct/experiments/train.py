@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
-import json
 import os
 from typing import Any
 
 import jax
+from jax.sharding import Mesh
 import numpy as np
 
 import bct.embedding as embedding
@@ -25,6 +25,7 @@ import bct.retrieval as retrieval
 import lqf.data.pipeline as pipeline
 from lqf.errors import UserError, require
 import lqf.experiments.pretrain as pretrain
+import lqf.experiments.update as update
 import lqf.finetune as finetune
 from lqf.models.classifier import Classifier
 import lqf.runtime.checkpoint as checkpoint
@@ -114,9 +115,9 @@ def load_data(cfg: Mapping[str, Any]) -> tuple[pipeline.ImageSplit, pipeline.Ima
 
 def new_classifier(spec: Mapping[str, Any], num_classes: int, channels: int, seed: int,
                    head: Mapping[str, Any] | None = None) -> Classifier:
-  """The backbone of `spec["pretrained_workdir"]` under a fresh `num_classes` head of
+  """The backbone of `spec["pretrained"]["workdir"]` under a fresh `num_classes` head of
   the kind `head` gives ({"head": "linear" | "cosine", "head_scale": s})."""
-  pre_cfg, clf = pretrain.pretrained_for(spec["pretrained_workdir"], channels)
+  pre_cfg, clf = pretrain.pretrained_for(spec["pretrained"]["workdir"], channels)
   model_cfg = dict(pre_cfg["model"], **(head or {}))
   return finetune.with_new_head(clf, model_cfg, num_classes, channels, seed)
 
@@ -161,10 +162,12 @@ def fit_model(cfg: Mapping[str, Any], spec: Mapping[str, Any], data: pipeline.Im
               t: Mapping[str, Any], *, seed: int, method: str = "independent",
               heads: Sequence[losses.OldHead] = (), old: Model | None = None,
               workdir: str | None = None, stop_at_step: int | None = None,
-              progress: bool = False, log_name: str | None = None) -> Model | None:
+              progress: bool = False, log_name: str | None = None,
+              mesh: Mesh | None = None) -> Model | None:
   """Fine-tunes the backbone of `spec` on the examples of `spec["classes"]` in `data`
   with `method`'s loss (`heads`: the old heads for "bct", over the same classes, see
-  `old_head`; `old`: the old model for "l2"). Returns the model, or None when stopped early."""
+  `old_head`; `old`: the old model for "l2") on the job's device `mesh` (None: one
+  device). Returns the model, or None when stopped early."""
   classes = label_set(spec.get("classes", ()), data.num_classes, "classes")
   sub = restrict(data, classes)
   kind = head_kind(cfg)
@@ -179,7 +182,7 @@ def fit_model(cfg: Mapping[str, Any], spec: Mapping[str, Any], data: pipeline.Im
   params, stats = train.fit(clf, sub, t, seed=seed, augment=cfg["data"]["augment"],
                             train_bn=t["train_bn"], workdir=workdir, stop_at_step=stop_at_step,
                             progress=progress, loss=loss, extras=extras, with_features=True,
-                            log_name=log_name or method, mesh=parallel.mesh_for(cfg))
+                            log_name=log_name or method, mesh=mesh)
   if stop_at_step is not None and stop_at_step < t["steps"]:
     return None
   return model_of(dataclasses.replace(clf, params=params, batch_stats=stats), classes,
@@ -189,21 +192,14 @@ def fit_model(cfg: Mapping[str, Any], spec: Mapping[str, Any], data: pipeline.Im
 _OLD_MODELS: dict[str, Model] = {}
 
 
-def train_old(cfg: Mapping[str, Any]) -> Model:
+def train_old(cfg: Mapping[str, Any], mesh: Mesh | None = None) -> Model:
   """The config's old model, trained in memory on `old.shots` examples of each of
   `old.classes` (seed + 1000). Deterministic, so done once per process and setting."""
-  d, o = cfg["data"], cfg["old"]
-  key = json.dumps([_plain(d), _plain(o), head_kind(cfg), cfg["seed"]], sort_keys=True,
-                   default=str)
-  if key not in _OLD_MODELS:
-    data = load_split(cfg, o["shots"], cfg["seed"])
-    _OLD_MODELS[key] = fit_model(cfg, o, data, o["finetune"], seed=cfg["seed"] + 1000,
-                                 log_name="old")
-  return _OLD_MODELS[key]
-
-
-def _plain(x: Any) -> Any:
-  return config_lib.to_dict(x) if hasattr(x, "to_json") else x
+  o = cfg["old"]
+  return update.memoized(
+      _OLD_MODELS, [cfg["data"], o, head_kind(cfg), cfg["seed"]],
+      lambda: fit_model(cfg, o, load_split(cfg, o["shots"], cfg["seed"]), o["finetune"],
+                        seed=cfg["seed"] + 1000, log_name="old", mesh=mesh))
 
 
 def load_model(workdir: str) -> tuple[dict[str, Any], Model]:
@@ -212,9 +208,7 @@ def load_model(workdir: str) -> tuple[dict[str, Any], Model]:
   cmd, run_cfg = checkpoint.read_run(workdir, "train the old model first (python -m bct "
                                      "train, or python -m lqf finetune "
                                      "--config.method=nonlinear)")
-  _, num_classes = pipeline.open_source(run_cfg["data"]["name"],
-                                        run_cfg["data"]["eval_split"],
-                                        run_cfg["data"]["data_dir"])
+  num_classes = pipeline.num_classes(run_cfg["data"])
   channels = run_cfg["data"]["channels"]
   if cmd == COMMAND:
     classes = label_set(run_cfg["new"]["classes"], num_classes, "new.classes")
@@ -222,7 +216,7 @@ def load_model(workdir: str) -> tuple[dict[str, Any], Model]:
     kind = head_kind(run_cfg)
   elif cmd == "finetune" and run_cfg.get("method") == "nonlinear":
     classes = tuple(range(num_classes))
-    spec = {"pretrained_workdir": run_cfg["pretrained_workdir"]}
+    spec = {"pretrained": run_cfg["pretrained"]}
     t, seed = run_cfg["finetune"], run_cfg["seed"]
     kind = {"head": "linear"}
   else:
@@ -233,18 +227,14 @@ def load_model(workdir: str) -> tuple[dict[str, Any], Model]:
   return run_cfg, model_of(pretrain.restore_final(clf, t, workdir), classes, scale)
 
 
-def old_model(cfg: Mapping[str, Any], num_classes: int) -> Model:
+def old_model(cfg: Mapping[str, Any], num_classes: int, mesh: Mesh | None = None) -> Model:
   """The old model of `cfg`, checked against the new data's label set."""
   o = cfg["old"]
   if not o["workdir"]:
     label_set(o["classes"], num_classes, "old.classes")
-    return train_old(cfg)
+    return train_old(cfg, mesh)
   run_cfg, model = load_model(o["workdir"])
-  name, new_name = run_cfg["data"]["name"], cfg["data"]["name"]
-  require(name == new_name or o["allow_other_dataset"],
-          f"the old model in {o['workdir']!r} was trained on {name!r}, the new data is "
-          f"{new_name!r}: their label sets may differ. Use an old model of {new_name!r}, or "
-          "--config.old.allow_other_dataset=True if the labels mean the same")
+  update.check_same_dataset(o, run_cfg["data"]["name"], cfg["data"]["name"])
   require(max(model.classes) < num_classes,
           f"the old model in {o['workdir']!r} scores labels up to {max(model.classes)}, "
           f"the new data has {num_classes} classes: the label sets differ")
@@ -289,7 +279,8 @@ def run(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None
   check_config(cfg)
   data, evaluation = load_data(cfg)
   classes = label_set(cfg["new"]["classes"], data.num_classes, "new.classes")
-  old = old_model(cfg, data.num_classes)
+  mesh = parallel.mesh_for(cfg)  # Once per job: it may start jax.distributed.
+  old = old_model(cfg, data.num_classes, mesh)
   b = cfg["bct"]
   heads = [old_head(old, classes, data, b["synth_norm"], b["synth_center"])
            ] if b["method"] == "bct" else []
@@ -301,7 +292,7 @@ def run(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None
                                        "train.eval_every", "retrieval", "parallel"))
   new = fit_model(cfg, cfg["new"], data, cfg["train"], seed=cfg["seed"], method=b["method"],
                   heads=heads, old=old, workdir=workdir, stop_at_step=stop_at_step,
-                  progress=progress)
+                  progress=progress, mesh=mesh)
   if new is None:
     return {}
   table = cross_retrieval(cfg, {"old": old, "new": new}, evaluation, UPDATE_PAIRS)
@@ -313,7 +304,7 @@ def run(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None
 
 
 def _check_dims(cfg: Mapping[str, Any], old_dim: int) -> None:
-  _, clf = pretrain.pretrained_for(cfg["new"]["pretrained_workdir"], cfg["data"]["channels"])
+  _, clf = pretrain.pretrained_for(cfg["new"]["pretrained"]["workdir"], cfg["data"]["channels"])
   new_dim = int(np.shape(clf.params["head"]["kernel"])[0])
   embedding.match_dim(np.zeros((1, new_dim), np.float32), old_dim, cfg["bct"]["dim_rule"])
 

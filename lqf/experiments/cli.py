@@ -51,7 +51,7 @@ def _demo(args: argparse.Namespace, overrides: list[str]) -> None:
   print("2/2 adapting to 5 shots a class of shifted, noisy digits")
   for method in job_finetune.METHODS:
     cfg = config_lib.load("digits_finetune",
-                          [f"method={method}", f"pretrained_workdir={root}/pretrain"])
+                          [f"method={method}", f"pretrained.workdir={root}/pretrain"])
     result = job_finetune.run(cfg, f"{root}/{method}", progress=not args.no_progress)
     rows.append((f"{method}, target test", result["eval"]["accuracy"]))
   print(f"\n{'model':<28} accuracy")
@@ -79,7 +79,7 @@ def _import_weights(args: argparse.Namespace, overrides: list[str]) -> None:
   report = import_weights.import_run(args.weights, args.workdir, activation=args.activation,
                               leaky_slope=args.leaky_slope, image_size=args.image_size)
   print(report.summary())
-  print(f"imported into {args.workdir}: name it as pretrained_workdir in a config")
+  print(f"imported into {args.workdir}: name it as pretrained.workdir in a config")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {

@@ -79,7 +79,7 @@ def check_solve_config(cfg: Mapping[str, Any]) -> None:
 
 def load_pretrained_for(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], Classifier]:
   """The pretraining run's config and model, checked against the target data."""
-  return pretrain.pretrained_for(cfg["pretrained_workdir"], cfg["data"]["channels"])
+  return pretrain.pretrained_for(cfg["pretrained"]["workdir"], cfg["data"]["channels"])
 
 
 def run(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None,

@@ -71,8 +71,7 @@ def load_pretrained(workdir: str) -> tuple[dict[str, Any], Classifier]:
   if command == "import":  # `lqf.weights`: ImageNet weights, no dataset to open.
     num_classes = int(cfg["num_classes"])
   else:
-    _, num_classes = pipeline.open_source(cfg["data"]["name"], cfg["data"]["eval_split"],
-                                          cfg["data"]["data_dir"])
+    num_classes = pipeline.num_classes(cfg["data"])
   clf = build_classifier(cfg["model"], num_classes, cfg["data"]["channels"], cfg["seed"])
   mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
   if command == "import":

@@ -25,12 +25,12 @@ import lqf.data.pipeline as pipeline
 import lqf.experiments.finetune as job_finetune
 import lqf.finetune as finetune
 import lqf.linearize as linearize
-import lqf.solve as solve
 import lqf.runtime.checkpoint as checkpoint
 import lqf.runtime.config as config_lib
 from lqf.runtime.io import atomic_write_json
 import lqf.runtime.parallel as parallel
 import lqf.runtime.train as train
+import lqf.solve as solve
 
 PyTree = Any
 

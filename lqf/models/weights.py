@@ -13,7 +13,7 @@ is the caller's choice: LQF linearizes a network with leaky ReLU, so `import_run
 defaults to it, which changes the function the weights compute (the report says so).
 
 `python -m lqf import-weights --weights resnet50.safetensors --workdir runs/imagenet_r50`
-writes the run that fine-tuning, PC and BCT configs name as `pretrained_workdir`.
+writes the run that fine-tuning, PC and BCT configs name as `pretrained.workdir`.
 """
 
 from __future__ import annotations

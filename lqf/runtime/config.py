@@ -31,6 +31,14 @@ def parallel_config(devices: int = 1) -> ml_collections.ConfigDict:
                                         num_processes=0, process_id=-1))
 
 
+def pretrained_config(workdir: str, config: str = "") -> ml_collections.ConfigDict:
+  """A `pretrained` block: the finished pretraining (or `import-weights`) run in `workdir`,
+  and the config, by name with its variant (`digits_pretrain:small`), that makes it when
+  it is missing ("" for imported weights, which nothing can remake). Jobs read `workdir`;
+  benchmarks and notebooks use `config` to pretrain a missing backbone first."""
+  return ml_collections.ConfigDict(dict(workdir=workdir, config=config))
+
+
 # Where a config given by name is looked up, in order. Only names: this module imports
 # none of them (the library never imports the experiments that use it).
 CONFIG_PACKAGES = ("lqf.experiments.configs", "pc.experiments.configs",
@@ -46,8 +54,15 @@ def available() -> list[str]:
       continue
     for folder in spec.submodule_search_locations:
       names += sorted(f[:-3] for f in os.listdir(folder)
-                      if f.endswith(".py") and not f.startswith("_"))
+                      if f.endswith(".py") and not f.startswith("_")
+                      and _defines_get_config(os.path.join(folder, f)))
   return names
+
+
+def _defines_get_config(path: str) -> bool:
+  # Block modules (common.py, imagenet_common.py) sit beside the configs but are none.
+  with open(path, encoding="utf-8") as f:
+    return "\ndef get_config(" in f.read()
 
 
 def resolve(name_or_path: str) -> str:
@@ -191,6 +206,16 @@ def _check_vit(m: Mapping[str, Any]) -> None:
           f"use one of {', '.join(VIT_ACTIVATIONS)}")
   slope = m.get("leaky_slope", 0.1)
   require(0.0 <= slope < 1.0, f"model.leaky_slope must be in [0, 1), got {slope}")
+
+
+def check_curve(curve: Mapping[str, Any], term: Mapping[str, Any]) -> None:
+  """The `curve` and `term` blocks of an exact path over the penalty share ρ (pc curve,
+  bct curve): shares in [0, 1], a positive memory bound and block size."""
+  rhos = curve["rhos"]
+  require(len(rhos) > 0 and all(0.0 <= r <= 1.0 for r in rhos),
+          f"curve.rhos must be a non-empty list of shares in [0, 1], got {rhos}")
+  require(term["max_gb"] > 0 and term["batch_size"] > 0,
+          "term.max_gb and term.batch_size must be positive")
 
 
 def check_data(d: Mapping[str, Any]) -> None:

@@ -3,7 +3,7 @@
 The update of digits_pc, once per seed (the seed picks the few-shot subset,
 the heads and the batch order of both models). Arms: no treatment, naive re-weighting,
 FD-KL, FD-LM and an ensemble of untreated models (nonlinear fine-tuning, the paper's
-settings α = 1, β = 5, T = 100, with λ chosen from `lam_grid` on the validation split),
+settings α = 1, β = 5, T = 100, with λ chosen from `bench.lam_grid` on the validation split),
 and the linearized new model solved
 exactly without (`lqf`) and with the PC term along the share ρ (`lqf_pc@rho=...`). Each
 arm reports ER_old, ER_new, NFR, PFR, relative NFR and NFI on the test split (fractions).
@@ -21,37 +21,23 @@ import jax
 import lqf.data.pipeline as pipeline
 from lqf.errors import UserError
 import lqf.experiments.bench.common as lqf_bench
-import lqf.experiments.pretrain as pretrain
 import lqf.runtime.config as config_lib
 from lqf.runtime.io import atomic_write_json
-import pc.experiments.tradeoff as job_tradeoff
+import pc.experiments.curve as job_curve
 import pc.experiments.train as job
 import pc.metrics as metrics
 
 CONFIG = "digits_pc"
 NONLINEAR_ARMS = ("none", "naive", "fd_kl", "fd_lm")
 QUICK = ("train.steps=10", "old.finetune.steps=10", "pc.ensemble_size=2",
-         "tradeoff.rhos=(0.0,0.5,1.0)", "shots=3", "old.shots=3", "lam_grid=(1.0,)",
-         "pc_lqf.target=logits")
+         "curve.rhos=(0.0,0.5,1.0)", "shots=3", "old.shots=3", "bench.lam_grid=(1.0,)",
+         "term.target=logits")
 
 
 def ensure_backbones(cfg: Mapping[str, Any], quick: bool) -> list[str]:
-  """Overrides pointing at finished pretraining runs of the new and old backbones,
-  pretrained first when missing (`_quick` runs of 20 steps in quick mode)."""
-  out = []
-  for key, extra in (("pretrained_workdir", ()), ("old.pretrained_workdir",
-                                                  tuple(cfg["old"]["pretrain_overrides"]))):
-    workdir = (cfg["pretrained_workdir"] if key == "pretrained_workdir"
-               else cfg["old"]["pretrained_workdir"]) + ("_quick" if quick else "")
-    try:
-      pretrain.load_pretrained(workdir)
-    except UserError:
-      print(f"pretraining into {workdir} ...", file=sys.stderr)
-      quick_overrides = ("train.steps=20", "train.checkpoint_every=10") if quick else ()
-      pre = config_lib.load(cfg["pretrain_config"], quick_overrides + extra)
-      pretrain.pretrain(pre, workdir)
-    out.append(f"{key}={workdir}")
-  return out
+  """Overrides pointing the new and old models at finished pretraining runs, pretrained
+  first when missing (`_quick` runs of 20 steps in quick mode)."""
+  return lqf_bench.backbone_overrides(cfg, ("pretrained", "old.pretrained"), quick)
 
 
 def _rates_summary(per_seed: Sequence[Mapping[str, float]]) -> dict[str, Any]:
@@ -59,7 +45,7 @@ def _rates_summary(per_seed: Sequence[Mapping[str, float]]) -> dict[str, Any]:
 
 
 def choose_lam(cfg: Mapping[str, Any]) -> dict[str, Any]:
-  """FD's λ per distance from `lam_grid` on the validation split (seed 0): the lowest
+  """FD's λ per distance from `bench.lam_grid` on the validation split (seed 0): the lowest
   NFR among values with ER within a point of no treatment's (else the lowest ER)."""
   cfg = config_lib.to_dict(cfg) | {"seed": 0}
   data, _ = job.load_data(cfg)
@@ -70,7 +56,7 @@ def choose_lam(cfg: Mapping[str, Any]) -> dict[str, Any]:
   out = {"none": base}
   for arm in ("fd_kl", "fd_lm"):
     grid = {}
-    for lam in cfg["lam_grid"]:
+    for lam in cfg["bench"]["lam_grid"]:
       c = dict(cfg, pc=dict(cfg["pc"], lam=lam))
       grid[lam] = job.flips(old, job.train_new(c, data, old, seed=0, method=arm), val)["rates"]
       print(f"tuning {arm} lam={lam}: val ER {100 * grid[lam]['ER_new']:.2f} NFR "
@@ -104,7 +90,7 @@ def run_update(cfg: Mapping[str, Any], seed: int,
   rates["ensemble"] = job.flips(old, job.ensemble(members), evaluation)["rates"]
   timing["ensemble"] = time.perf_counter() - t0
   t0 = time.perf_counter()
-  curve = job_tradeoff.lqf_curve(cfg, data, evaluation, old, cfg["tradeoff"]["rhos"], seed)
+  curve = job_curve.lqf_curve(cfg, data, evaluation, old, cfg["curve"]["rhos"], seed)
   timing["lqf_pc_curve"] = time.perf_counter() - t0
   return {"rates": rates, "curve": curve["points"], "timing_s": timing,
           "old_right_on_train": curve["old_right_on_train"]}

@@ -10,7 +10,7 @@ import lqf.experiments.cli as lqf_cli
 import lqf.runtime.checkpoint as checkpoint
 import lqf.runtime.config as config_lib
 import pc.experiments.bench as bench
-import pc.experiments.tradeoff as job_tradeoff
+import pc.experiments.curve as job_curve
 import pc.experiments.train as job
 
 
@@ -25,25 +25,25 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> None:
         f"NFI {r['NFI']:.3f}; results in {args.workdir}")
 
 
-def _tradeoff(args: argparse.Namespace, overrides: list[str]) -> None:
+def _curve(args: argparse.Namespace, overrides: list[str]) -> None:
   cfg = config_lib.load(args.config, overrides)
-  doc = job_tradeoff.run(cfg, args.out, progress=not args.no_progress)
-  print(job_tradeoff.format_table(doc))
-  print(f"written: {args.out}/tradeoff.json, tradeoff.csv, tradeoff.png")
+  doc = job_curve.run(cfg, args.out, progress=not args.no_progress)
+  print(job_curve.format_table(doc))
+  print(f"written: {args.out}/curve.json, curve.csv, curve.png")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], None]] = {
-    "train": _train, "tradeoff": _tradeoff, "bench": lqf_cli.bench_command(bench)}
+    "train": _train, "curve": _curve, "bench": lqf_cli.bench_command(bench)}
 
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m pc", description=__doc__)
   sub = p.add_subparsers(dest="command", required=True)
   lqf_cli.add_job_parser(sub, "train", "train a new model against an old one", "--config.pc.method=fd_lm")
-  to = sub.add_parser("tradeoff", help="the exact ER-versus-NFR curve of the linearized model",
-                      description="Config overrides: --config.tradeoff.rhos=(0,0.5,1) and so on.")
+  to = sub.add_parser("curve", help="the exact ER-versus-NFR curve of the linearized model",
+                      description="Config overrides: --config.curve.rhos=(0,0.5,1) and so on.")
   to.add_argument("--config", required=True, help=lqf_cli.CONFIG_HELP)
-  to.add_argument("--out", required=True, help="folder for tradeoff.json, .csv and .png")
+  to.add_argument("--out", required=True, help="folder for curve.json, .csv and .png")
   to.add_argument("--no_progress", action="store_true", help="no progress bar")
   lqf_cli.add_bench_parser(sub, "the PC benchmark; writes its JSON")
   return p

@@ -1,11 +1,11 @@
-"""The exact trade-off job: `python -m pc tradeoff --config NAME --out DIR`.
+"""The exact LQF+PC curve job: `python -m pc curve --config NAME --out DIR`.
 
 For the config's update (old model, new training subset), the linearized new model's
-LQF problem with the PC term is solved exactly at every penalty share in `tradeoff.rhos`
+LQF problem with the PC term is solved exactly at every penalty share in `curve.rhos`
 (`lqf.solve.KernelPath`: one Jacobian, one small factorisation per point), and each optimum
-is scored on the evaluation split. The `tradeoff.references` arms (nonlinear new models
-trained with those PC losses) are trained for comparison. Writes `DIR/tradeoff.json`,
-`DIR/tradeoff.csv` and `DIR/tradeoff.png`.
+is scored on the evaluation split. The `curve.references` arms (nonlinear new models
+trained with those PC losses) are trained for comparison. Writes `DIR/curve.json`,
+`DIR/curve.csv` and `DIR/curve.png`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import numpy as np
 
 import lqf.data.pipeline as pipeline
@@ -24,6 +25,7 @@ from lqf.errors import require
 import lqf.linearize as linearize
 import lqf.runtime.config as config_lib
 from lqf.runtime.io import atomic_savefig, atomic_write_json, atomic_write_text, csv_text
+import lqf.runtime.parallel as parallel
 import lqf.solve as solve
 import pc.experiments.train as job
 import pc.lqf_term as lqf_term
@@ -35,19 +37,15 @@ CSV_FIELDS = ("rho", "ER_new", "NFR", "PFR", "rel_NFR", "NFI", "ER_old", "object
 
 def check_config(cfg: Mapping[str, Any]) -> None:
   job.check_config(cfg)
-  t = cfg["tradeoff"]
-  require(len(t["rhos"]) > 0 and all(0.0 <= r <= 1.0 for r in t["rhos"]),
-          f"tradeoff.rhos must be a non-empty list of shares in [0, 1], got {t['rhos']}")
-  bad = [m for m in t["references"] if m not in job.METHODS]
-  require(not bad, f"unknown tradeoff.references {bad}: use methods of {', '.join(job.METHODS)}")
-  require(cfg["pc_lqf"]["max_gb"] > 0 and cfg["pc_lqf"]["batch_size"] > 0,
-          "pc_lqf.max_gb and pc_lqf.batch_size must be positive")
+  config_lib.check_curve(cfg["curve"], cfg["term"])
+  bad = [m for m in cfg["curve"]["references"] if m not in job.METHODS]
+  require(not bad, f"unknown curve.references {bad}: use methods of {', '.join(job.METHODS)}")
 
 
 def lqf_curve(cfg: Mapping[str, Any], data, evaluation, old: job.Predict,
               rhos: Sequence[float], seed: int) -> dict[str, Any]:
   """The exact LQF+PC optimum at each share ρ, scored on `evaluation` against `old`."""
-  c, q = cfg["lqf"], cfg["pc_lqf"]
+  c, q = cfg["lqf"], cfg["term"]
   clf = job.new_classifier(dict(cfg, init="finetune"), data.num_classes, seed)
   lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, c["scope"],
                             batch_norm=c["batch_norm"])
@@ -76,12 +74,14 @@ def lqf_curve(cfg: Mapping[str, Any], data, evaluation, old: job.Predict,
 
 
 def references(cfg: Mapping[str, Any], data, evaluation, old: job.Predict,
-               methods: Sequence[str], seed: int) -> dict[str, dict[str, Any]]:
-  """Each method's nonlinear new model: the update's rates on `evaluation`."""
+               methods: Sequence[str], seed: int, mesh: Mesh | None = None
+               ) -> dict[str, dict[str, Any]]:
+  """Each method's nonlinear new model (trained on `mesh`, None: one device): the
+  update's rates on `evaluation`."""
   out = {}
   for m in methods:
     print(f"training the {m!r} reference model", file=sys.stderr)
-    new = job.train_new(cfg, data, old, seed=seed, method=m)
+    new = job.train_new(cfg, data, old, seed=seed, method=m, mesh=mesh)
     out[m] = job.flips(old, new, evaluation)["rates"]
   return out
 
@@ -117,11 +117,12 @@ def plot(points: Sequence[Mapping[str, float]], refs: Mapping[str, Mapping[str, 
 
 
 def run(cfg: Mapping[str, Any], out: str, *, progress: bool = True) -> dict[str, Any]:
-  """Runs the job; writes `out/tradeoff.{json,csv,png}` and returns the JSON document."""
+  """Runs the job; writes `out/curve.{json,csv,png}` and returns the JSON document."""
   del progress  # Every step prints its own line.
   check_config(cfg)
   data, evaluation = job.load_data(cfg)
-  old = job.predictor(job.old_model(cfg, data.num_classes))
+  mesh = parallel.mesh_for(cfg)  # Once per job: it may start jax.distributed.
+  old = job.predictor(job.old_model(cfg, data.num_classes, mesh))
   # Size check before any work or write.
   c = cfg["lqf"]
   clf = job.new_classifier(dict(cfg, init="finetune"), data.num_classes, cfg["seed"])
@@ -129,19 +130,20 @@ def run(cfg: Mapping[str, Any], out: str, *, progress: bool = True) -> dict[str,
       len(data) * data.num_classes,
       solve.linearized_size(clf.params, c["scope"], batch_norm=c["batch_norm"],
                               select=clf.linearizable),
-      cfg["pc_lqf"]["max_gb"] * 1e9, what="the exact trade-off", limit="pc_lqf.max_gb")
+      cfg["term"]["max_gb"] * 1e9, what="the exact trade-off", limit="term.max_gb")
   try:
     os.makedirs(out, exist_ok=True)
   except OSError as e:
     require(False, f"--out {out!r} cannot be created ({e.strerror}): choose a writable folder")
-  print(f"solving the LQF+PC problem at {len(cfg['tradeoff']['rhos'])} shares", file=sys.stderr)
-  curve = lqf_curve(cfg, data, evaluation, old, cfg["tradeoff"]["rhos"], cfg["seed"])
-  refs = references(cfg, data, evaluation, old, cfg["tradeoff"]["references"], cfg["seed"])
+  print(f"solving the LQF+PC problem at {len(cfg['curve']['rhos'])} shares", file=sys.stderr)
+  curve = lqf_curve(cfg, data, evaluation, old, cfg["curve"]["rhos"], cfg["seed"])
+  refs = references(cfg, data, evaluation, old, cfg["curve"]["references"], cfg["seed"],
+                    mesh)
   doc = {"config": config_lib.to_dict(cfg), "train_examples": len(data),
          "eval_examples": len(evaluation), "lqf_pc": curve, "references": refs}
-  atomic_write_json(os.path.join(out, "tradeoff.json"), doc)
-  atomic_write_text(os.path.join(out, "tradeoff.csv"), to_csv(curve["points"]))
-  plot(curve["points"], refs, os.path.join(out, "tradeoff.png"),
+  atomic_write_json(os.path.join(out, "curve.json"), doc)
+  atomic_write_text(os.path.join(out, "curve.csv"), to_csv(curve["points"]))
+  plot(curve["points"], refs, os.path.join(out, "curve.png"),
        title=f"digits update, {len(data)} training examples")
   return doc
 

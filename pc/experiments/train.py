@@ -10,18 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 import dataclasses
-import json
 import os
 import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import numpy as np
 
 import lqf.data.pipeline as pipeline
 from lqf.errors import UserError, require
 import lqf.experiments.pretrain as pretrain
+import lqf.experiments.update as update
 import lqf.finetune as finetune
 from lqf.models.classifier import Classifier, build_classifier
 import lqf.runtime.checkpoint as checkpoint
@@ -56,11 +57,11 @@ def check_config(cfg: Mapping[str, Any]) -> None:
   config_lib.check_data(cfg["data"])
   config_lib.check_train(cfg["train"], prefix="train")
   config_lib.check_train(cfg["old"]["finetune"], prefix="old.finetune")
-  q = cfg["pc_lqf"]
-  require(q["target"] in lqf_term.TARGETS, f"unknown pc_lqf.target {q['target']!r}: use "
+  q = cfg["term"]
+  require(q["target"] in lqf_term.TARGETS, f"unknown term.target {q['target']!r}: use "
           f"one of {', '.join(lqf_term.TARGETS)}")
   require(q["alpha"] >= 0 and q["beta"] >= 0 and q["alpha"] + q["beta"] > 0,
-          f"pc_lqf.alpha and pc_lqf.beta must be ≥ 0 and not both 0, got {q['alpha']}, "
+          f"term.alpha and term.beta must be ≥ 0 and not both 0, got {q['alpha']}, "
           f"{q['beta']}")
   require(cfg["lqf"]["k"] > 0 and cfg["lqf"]["lam"] > 0,
           "lqf.k and lqf.lam must be positive for the exact trade-off")
@@ -80,7 +81,7 @@ def load_data(cfg: Mapping[str, Any]) -> tuple[pipeline.ImageSplit, pipeline.Ima
 
 
 def _pretrained(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], Classifier]:
-  return pretrain.pretrained_for(cfg["pretrained_workdir"], cfg["data"]["channels"])
+  return pretrain.pretrained_for(cfg["pretrained"]["workdir"], cfg["data"]["channels"])
 
 
 def new_classifier(cfg: Mapping[str, Any], num_classes: int, seed: int) -> Classifier:
@@ -114,29 +115,24 @@ def ensemble(predicts: list[Predict]) -> Predict:
 _OLD_MODELS: dict[str, Classifier] = {}
 
 
-def train_old(cfg: Mapping[str, Any]) -> Classifier:
-  """The config's old model, trained in memory: the `old.pretrained_workdir` backbone
+def train_old(cfg: Mapping[str, Any], mesh: Mesh | None = None) -> Classifier:
+  """The config's old model, trained in memory: the `old.pretrained.workdir` backbone
   fine-tuned (nonlinear) on `old.shots` examples a class (seeds offset by 1000 from the
-  new model's). Training is deterministic, so it is done once per process and setting."""
-  d, o = cfg["data"], cfg["old"]
-  key = json.dumps([config_lib.to_dict(d) if hasattr(d, "to_json") else d,
-                    config_lib.to_dict(o) if hasattr(o, "to_json") else o,
-                    cfg["seed"]], sort_keys=True, default=str)
-  if key not in _OLD_MODELS:
-    _OLD_MODELS[key] = _fit_old(cfg)
-  return _OLD_MODELS[key]
+  new model's). Training is deterministic, so it is done once per process and setting.
+  `mesh` is the job's device mesh (None: one device), built once by the job."""
+  return update.memoized(_OLD_MODELS, [cfg["data"], cfg["old"], cfg["seed"]],
+                         lambda: _fit_old(cfg, mesh))
 
 
-def _fit_old(cfg: Mapping[str, Any]) -> Classifier:
+def _fit_old(cfg: Mapping[str, Any], mesh: Mesh | None) -> Classifier:
   d, o = cfg["data"], cfg["old"]
   data = pipeline.load_split(d, d["train_split"], corrupted=d["corrupt_train"],
                              shots=o["shots"], subset_seed=cfg["seed"])
   seed = cfg["seed"] + 1000
-  clf = new_classifier(dict(cfg, init="finetune", pretrained_workdir=o["pretrained_workdir"]),
+  clf = new_classifier(dict(cfg, init="finetune", pretrained=o["pretrained"]),
                        data.num_classes, seed)
   t = o["finetune"]
-  return finetune.finetune(clf, data, t, seed=seed, train_bn=t["train_bn"],
-                           mesh=parallel.mesh_for(cfg))
+  return finetune.finetune(clf, data, t, seed=seed, train_bn=t["train_bn"], mesh=mesh)
 
 
 def read_run(workdir: str) -> tuple[str | None, dict[str, Any]]:
@@ -161,22 +157,18 @@ def load_run(workdir: str) -> tuple[dict[str, Any], Classifier]:
   else:
     raise UserError(f"{workdir!r} holds a {cmd!r} run; an old model must be a nonlinear "
                     "fine-tuning run or a pc train run")
-  _, num_classes = pipeline.open_source(cfg["data"]["name"], cfg["data"]["eval_split"],
-                                        cfg["data"]["data_dir"])
+  num_classes = pipeline.num_classes(cfg["data"])
   clf = new_classifier(dict(cfg, init=cfg.get("init", "finetune")), num_classes, cfg["seed"])
   return cfg, pretrain.restore_final(clf, t, workdir)
 
 
-def old_model(cfg: Mapping[str, Any], num_classes: int) -> Classifier:
+def old_model(cfg: Mapping[str, Any], num_classes: int, mesh: Mesh | None = None
+              ) -> Classifier:
   """The old model of `cfg`, checked to share the new model's label set."""
   o = cfg["old"]
   if not o["workdir"]:
-    return train_old(cfg)
-  name, new_name = read_run(o["workdir"])[1]["data"]["name"], cfg["data"]["name"]
-  require(name == new_name or o["allow_other_dataset"],
-          f"the old model in {o['workdir']!r} was trained on {name!r}, the new data is "
-          f"{new_name!r}: their label sets may differ. Use an old model of {new_name!r}, or "
-          "--config.old.allow_other_dataset=True if the labels mean the same")
+    return train_old(cfg, mesh)
+  update.check_same_dataset(o, read_run(o["workdir"])[1]["data"]["name"], cfg["data"]["name"])
   _, clf = load_run(o["workdir"])
   old_classes = int(np.shape(clf.params["head"]["kernel"])[-1])
   require(old_classes == num_classes,
@@ -225,10 +217,11 @@ def old_extras(cfg: Mapping[str, Any], old: Predict, data: pipeline.ImageSplit,
 
 def train_new(cfg: Mapping[str, Any], data: pipeline.ImageSplit, old: Predict, *,
               seed: int, workdir: str | None = None, stop_at_step: int | None = None,
-              progress: bool = False, method: str | None = None) -> Predict | None:
+              progress: bool = False, method: str | None = None,
+              mesh: Mesh | None = None) -> Predict | None:
   """Trains the new model with `method` (default `pc.method`); returns its predictor, or
   None when stopped early. An ensemble trains `pc.ensemble_size` untreated members with
-  seeds seed, seed + 1, ..., each in `workdir/member_<i>`."""
+  seeds seed, seed + 1, ..., each in `workdir/member_<i>`. `mesh`: as for `train_old`."""
   p = dict(cfg["pc"], method=method or cfg["pc"]["method"])
   t = cfg["train"]
   if p["method"] == "ensemble":
@@ -236,7 +229,8 @@ def train_new(cfg: Mapping[str, Any], data: pipeline.ImageSplit, old: Predict, *
     for i in range(int(p["ensemble_size"])):
       sub = None if workdir is None else os.path.join(workdir, f"member_{i}")
       member = train_new(cfg, data, old, seed=seed + i, workdir=sub,
-                         stop_at_step=stop_at_step, progress=progress, method="none")
+                         stop_at_step=stop_at_step, progress=progress, method="none",
+                         mesh=mesh)
       if member is None:
         return None
       members.append(member)
@@ -246,7 +240,7 @@ def train_new(cfg: Mapping[str, Any], data: pipeline.ImageSplit, old: Predict, *
   params, stats = train.fit(clf, data, t, seed=seed, augment=cfg["data"]["augment"],
                             train_bn=t["train_bn"], workdir=workdir, stop_at_step=stop_at_step,
                             progress=progress, loss=losses.make_loss(p), extras=extras,
-                            log_name=p["method"], mesh=parallel.mesh_for(cfg))
+                            log_name=p["method"], mesh=mesh)
   if stop_at_step is not None and stop_at_step < t["steps"]:
     return None
   return predictor(dataclasses.replace(clf, params=params, batch_stats=stats))
@@ -265,14 +259,15 @@ def run(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None
   """Runs the job; returns (and writes) the final metrics."""
   check_config(cfg)
   data, evaluation = load_data(cfg)
-  old = predictor(old_model(cfg, data.num_classes))
+  mesh = parallel.mesh_for(cfg)  # Once per job: it may start jax.distributed.
+  old = predictor(old_model(cfg, data.num_classes, mesh))
   if cfg["pc"]["old_outputs"] == "stored" and cfg["pc"]["old_logits_file"]:
     stored_old_logits(cfg, old, data, None)  # Bad stored outputs fail before any write.
   checkpoint.claim_workdir(workdir, config_lib.to_dict(cfg), command=COMMAND,
                            may_change=("train.checkpoint_every", "train.log_every",
                                        "train.eval_every", "parallel"))
   new = train_new(cfg, data, old, seed=cfg["seed"], workdir=workdir,
-                  stop_at_step=stop_at_step, progress=progress)
+                  stop_at_step=stop_at_step, progress=progress, mesh=mesh)
   if new is None:
     return {}
   update = flips(old, new, evaluation)

@@ -22,24 +22,27 @@ comes from it.
 
 import ml_collections
 
-import bct.experiments.configs.digits_bct as digits_bct
+import bct.experiments.configs.common as common
+import lqf.experiments.configs.common as lqf_common
 import lqf.experiments.configs.imagenet_common as imagenet_common
 import lqf.runtime.config as config_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = digits_bct.get_config()
-  c.pretrain_config = ""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
   c.data = imagenet_common.data_config("oxford_flowers102", "train", "test", augment=True)
-  c.new.update(dict(pretrained_workdir=imagenet_common.PRETRAINED, shots=0, classes=()))
-  c.old.update(dict(pretrained_workdir=imagenet_common.PRETRAINED, pretrain_overrides=(),
-                    shots=10, classes=tuple(range(51))))
-  c.old.finetune.update(dict(lr=0.003, batch_size=64, steps=500))
-  c.train.update(dict(lr=0.003, batch_size=64, steps=2000, checkpoint_every=200,
-                      eval_every=500, log_every=50))
-  c.bct.update(dict(l2_clip_norm=1.0, head="cosine", head_scale=16.0))
-  c.lqf.update(dict(scope="head"))
-  c.bct_lqf.update(dict(max_gb=32.0, batch_size=32))
-  c.retrieval.update(dict(query_chunk=1024, gallery_chunk=8192))
+  c.new = dict(pretrained=imagenet_common.pretrained_config(), shots=0, classes=())
+  c.old = dict(workdir="", pretrained=imagenet_common.pretrained_config(), shots=10,
+               classes=tuple(range(51)), allow_other_dataset=False,
+               finetune=lqf_common.sgd(lr=0.003, batch_size=64, steps=500,
+                                       checkpoint_every=500, eval_every=500, log_every=50))
+  c.train = lqf_common.sgd(lr=0.003, batch_size=64, steps=2000, checkpoint_every=200,
+                           eval_every=500, log_every=50)
+  c.bct = common.bct_block()
+  c.lqf = lqf_common.lqf_block(scope="head")
+  c.term = common.term_block(max_gb=32.0, batch_size=32)
+  c.curve = common.curve_block()
+  c.retrieval = common.retrieval_block(query_chunk=1024, gallery_chunk=8192)
   c.parallel = config_lib.parallel_config(devices=0)
   return c

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import optax
 
-from lqf.errors import UserError
+from lqf.errors import UserError, require
 import lqf.experiments.pretrain as pretrain
 from lqf.models.classifier import Classifier
 import lqf.runtime.config as config_lib
@@ -48,31 +48,51 @@ def meta(command: str, seeds: Sequence[int]) -> dict[str, Any]:
           "versions": versions, "python": sys.version.split()[0]}
 
 
-def pretrained_run(workdir: str, config_path: str, overrides: Sequence[str] = ()) -> str:
-  """`workdir`, after pretraining `config_path` (with `overrides`) into it if it does not
-  hold a finished pretraining run yet."""
+QUICK_PRETRAIN = ("train.steps=20", "train.checkpoint_every=10")
+
+
+def pretrained_run(spec: Mapping[str, Any], *, suffix: str = "",
+                   overrides: Sequence[str] = (), progress: bool = True) -> str:
+  """The workdir of a `pretrained` block (`{workdir, config}`, see
+  `lqf.runtime.config.pretrained_config`) with `suffix` appended, after pretraining
+  `spec["config"]` (with `overrides`) into it if it holds no finished pretraining run."""
+  workdir = spec["workdir"] + suffix
   try:
     pretrain.load_pretrained(workdir)
+    return workdir
   except UserError:
-    print(f"pretraining into {workdir} ...", file=sys.stderr)
-    pretrain.pretrain(config_lib.load(config_path, list(overrides)), workdir, progress=False)
+    require(bool(spec["config"]), f"{workdir!r} holds no finished pretraining run, and its "
+            "`pretrained.config` is empty (imported weights): run `python -m lqf "
+            f"import-weights --workdir {workdir} ...` first")
+  print(f"pretraining {spec['config']} into {workdir} ...", file=sys.stderr)
+  pretrain.pretrain(config_lib.load(spec["config"], list(overrides)), workdir,
+                    progress=progress)
   return workdir
 
 
-def ensure_pretrained(cfg: Mapping[str, Any], quick: bool, *, workdir_key: str = "pretrain_workdir",
-                      overrides: Sequence[str] = ()) -> Classifier:
-  """The finished pretraining run of `cfg[workdir_key]`, trained first if needed."""
-  workdir = cfg[workdir_key] + ("_quick" if quick else "")
+def ensure_pretrained(spec: Mapping[str, Any], quick: bool
+                      ) -> tuple[dict[str, Any], Classifier]:
+  """(its config, its classifier) of the finished pretraining run of a `pretrained` block,
+  pretrained first if needed; `quick` uses a `_quick` run of 20 steps instead."""
+  workdir = pretrained_run(spec, suffix="_quick" if quick else "",
+                           overrides=QUICK_PRETRAIN if quick else ())
   print(f"pretrained model: {workdir}", file=sys.stderr)
-  try:
-    return pretrain.load_pretrained(workdir)[1]
-  except UserError:
-    pass
-  quick_overrides = ["train.steps=20", "train.checkpoint_every=10"] if quick else []
-  pre = config_lib.load(cfg["pretrain_config"], quick_overrides + list(overrides))
-  print(f"pretraining into {workdir} ...", file=sys.stderr)
-  pretrain.pretrain(pre, workdir)
-  return pretrain.load_pretrained(workdir)[1]
+  return pretrain.load_pretrained(workdir)
+
+
+def backbone_overrides(cfg: Mapping[str, Any], keys: Sequence[str], quick: bool
+                       ) -> list[str]:
+  """`KEY.workdir=DIR` for each `pretrained` block at a dotted `KEY` of `cfg`, with DIR
+  its finished pretraining run (see `pretrained_run`; `_quick` runs in quick mode)."""
+  out = []
+  for key in keys:
+    spec = cfg
+    for part in key.split("."):
+      spec = spec[part]
+    workdir = pretrained_run(spec, suffix="_quick" if quick else "",
+                             overrides=QUICK_PRETRAIN if quick else ())
+    out.append(f"{key}.workdir={workdir}")
+  return out
 
 
 def time_steps(fns: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:

@@ -87,8 +87,7 @@ def run(*, seeds: int, quick: bool, shots: Sequence[int] | None = None,
   if quick:
     max_steps = 5
   cfg = config_lib.load(TRANSFER_CONFIG, overrides)
-  pre_cfg = config_lib.to_dict(config_lib.load(cfg.pretrain_config))
-  pretrained = ensure_pretrained(cfg, quick)
+  pre_cfg, pretrained = ensure_pretrained(cfg.pretrained, quick)
   d, c, s = cfg.data, config_lib.to_dict(cfg.lqf), config_lib.to_dict(cfg.solve)
   if quick:  # A smoke test: the last stage's Jacobian instead of the whole network's.
     c["scope"] = "last_stage"

@@ -39,9 +39,8 @@ def _predictor(clf: Classifier) -> Predict:
 
 def make_arms(cfg, names: Sequence[str], quick: bool) -> dict[str, Arm]:
   """Each arm as `(few-shot data, seed, lr) -> predict`; lr None = the arm has no grid."""
-  pre_cfg = config_lib.to_dict(config_lib.load(cfg["pretrain_config"]))
+  pre_cfg, pretrained = ensure_pretrained(cfg["pretrained"], quick)
   model_cfg, channels = pre_cfg["model"], cfg["data"]["channels"]
-  pretrained = ensure_pretrained(cfg, quick)
 
   def new_head(data, seed, base=pretrained, model=model_cfg):
     return finetune.with_new_head(base, model, data.num_classes, channels, seed)
@@ -62,8 +61,7 @@ def make_arms(cfg, names: Sequence[str], quick: bool) -> dict[str, Arm]:
 
   @functools.cache
   def relu_pretrained() -> Classifier:
-    return ensure_pretrained(cfg, quick, workdir_key="pretrain_relu_workdir",
-                             overrides=["model.activation=relu"])
+    return ensure_pretrained(cfg["bench"]["relu"], quick)[1]
 
   def lqf_arm(relu: bool = False, **changes):
     def arm(data, seed, lr):
@@ -83,8 +81,9 @@ def make_arms(cfg, names: Sequence[str], quick: bool) -> dict[str, Arm]:
 
 
 QUICK = ("finetune.steps=10", "scratch.steps=10", "probe.steps=20", "lqf.steps=3",
-         "lr_grid.finetune=(0.003,)", "lr_grid.scratch=(0.1,)", "lr_grid.probe=(0.01,)",
-         "lr_grid.lqf_sgd=(0.0003,)")
+         "bench.lr_grid.finetune=(0.003,)", "bench.lr_grid.scratch=(0.1,)",
+         "bench.lr_grid.probe=(0.01,)",
+         "bench.lr_grid.lqf_sgd=(0.0003,)")
 
 
 def run_arms(*, arm_names: Sequence[str], shots: Sequence[int], seeds: int, quick: bool,
@@ -108,9 +107,9 @@ def run_arms(*, arm_names: Sequence[str], shots: Sequence[int], seeds: int, quic
     for name, fn in arms.items():
       t0 = time.perf_counter()
       lr = None
-      if name in cfg.lr_grid:
+      if name in cfg.bench.lr_grid:
         grid = {}
-        for lr in cfg.lr_grid[name]:
+        for lr in cfg.bench.lr_grid[name]:
           try:
             grid[lr] = train.accuracy(fn(tune_data, 0, lr), val)
           except NonFiniteLossError:
@@ -140,7 +139,7 @@ def transfer(*, seeds: int = 5, quick: bool = False, overrides: Sequence[str] = 
   """Issue 2's benchmark: fine-tuning, probe, scratch and no adaptation at 5 shots."""
   result, cfg, test = run_arms(arm_names=("finetune", "probe", "scratch"), shots=(5,),
                                seeds=seeds, quick=quick, overrides=overrides)
-  pretrained = ensure_pretrained(cfg, quick)
+  pretrained = ensure_pretrained(cfg["pretrained"], quick)[1]
   acc = train.accuracy(_predictor(pretrained), test)
   result["arms"]["no_adaptation"] = {"accuracy": summary([acc] * seeds)}
   return result
@@ -177,8 +176,7 @@ def cost(*, seeds: int = 5, quick: bool = False, overrides: Sequence[str] = ()
   ratios are per round, so a slow moment of the machine cancels.
   """
   cfg = config_lib.load(TRANSFER_CONFIG, (QUICK if quick else ()) + tuple(overrides))
-  pre_cfg = config_lib.to_dict(config_lib.load(cfg.pretrain_config))
-  pretrained = ensure_pretrained(cfg, quick)
+  pre_cfg, pretrained = ensure_pretrained(cfg.pretrained, quick)
   d = cfg.data
   data = pipeline.load_split(d, d.train_split, corrupted=True)
   x, y = jnp.asarray(data.images[:64]), jnp.asarray(data.labels[:64])

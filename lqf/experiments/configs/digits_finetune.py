@@ -8,7 +8,7 @@
 `method` is "lqf" (linearized, squared loss, K-FAC), "nonlinear" (every weight, cross-
 entropy) or "probe" (the head on frozen features). The LQF ablations are config changes:
 `--config.lqf.loss=ce`, `--config.lqf.optimizer=sgd --config.lqf.adaptive=False
---config.lqf.lr=3e-4`, and a ReLU backbone via `--config.pretrained_workdir`.
+--config.lqf.lr=3e-4`, and a ReLU backbone via `--config.pretrained.workdir`.
 `--config.lqf.report_gap=True` also prints the trained δ's relative gap to the exact
 optimum, and
 
@@ -31,11 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                       # The few-shot subset, the new head, the batch order.
   c.method = "lqf"
-  c.pretrained_workdir = "runs/digits_pretrain"
+  c.pretrained = t.pretrained
   c.data = t.data
   c.shots = 5
   c.lqf = t.lqf
-  c.lqf.checkpoint_every = 10
   c.solve = t.solve
   c.finetune = t.finetune
   c.finetune.lr = 0.003            # The benchmark's choice on the validation split.

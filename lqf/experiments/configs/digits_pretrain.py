@@ -25,6 +25,7 @@ def data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name="graceful_digits",
       data_dir="",                # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+      idx_dir="",                 # Only for graceful_fashion_mnist (see lqf.data).
       train_split="train[:50%]",
       eval_split="test",
       image_size=16,

@@ -15,7 +15,14 @@ in memory at 224×224×3 float32, about 0.6 MB an image: size the host's RAM for
 
 import ml_collections
 
+import lqf.runtime.config as config_lib
+
 PRETRAINED = "runs/imagenet_r50"
+
+
+def pretrained_config() -> ml_collections.ConfigDict:
+  """The imported backbone's `pretrained` block: nothing can remake it (`config` "")."""
+  return config_lib.pretrained_config(PRETRAINED)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -24,7 +31,7 @@ def data_config(name: str, train_split: str, eval_split: str, *, augment: bool
                 ) -> ml_collections.ConfigDict:
   """A catalogue dataset at 224×224, normalised as the ImageNet weights expect."""
   return ml_collections.ConfigDict(dict(
-      name=name, data_dir="", train_split=train_split, eval_split=eval_split,
+      name=name, data_dir="", idx_dir="", train_split=train_split, eval_split=eval_split,
       image_size=224, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
       corrupt_train=False, corrupt_eval=False,
       corruption=dict(noise_std=0.0, max_shift=0, seed=0),

@@ -18,25 +18,26 @@ class; its tables are the reference. This config has not been run by this projec
 
 import ml_collections
 
-import lqf.experiments.configs.digits_finetune as digits_finetune
+import lqf.experiments.configs.common as common
 import lqf.experiments.configs.imagenet_common as imagenet_common
 import lqf.runtime.config as config_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = digits_finetune.get_config()
-  c.pretrained_workdir = imagenet_common.PRETRAINED
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.method = "lqf"
+  c.pretrained = imagenet_common.pretrained_config()
   c.data = imagenet_common.data_config("cifar100", "train", "test", augment=False)
   c.shots = 10
   # Everything linearized (25.6 M weights), squared loss against 5·one-hot, K-FAC with
   # its factors estimated once on 4 batches of 250 and its step from the quadratic model.
-  c.lqf.update(dict(scope="all", k=5.0, lam=1e-4, steps=100, batch_size=250,
-                    burnin_steps=4, checkpoint_every=10))
-  c.solve.update(dict(method="cg", batch_size=125, max_iters=500))
-  # The nonlinear arm: SGD on every weight, batch norm frozen, augmentation on.
-  c.finetune.update(dict(lr=0.003, batch_size=64, steps=2000, checkpoint_every=200,
-                         eval_every=500, log_every=50))
-  c.data.augment.update(dict(crop_padding=0, flip=False))
-  c.probe.update(dict(lr=0.001, steps=1000))
+  c.lqf = common.lqf_block(scope="all", k=5.0, lam=1e-4, steps=100, batch_size=250,
+                           burnin_steps=4, checkpoint_every=10)
+  c.solve = common.solve_block(method="cg", batch_size=125, max_iters=500)
+  # The nonlinear arm: SGD on every weight, batch norm frozen, no augmentation.
+  c.finetune = common.sgd(lr=0.003, batch_size=64, steps=2000, checkpoint_every=200,
+                          eval_every=500, log_every=50)
+  c.probe = common.probe_block(lr=0.001, steps=1000)
   c.parallel = config_lib.parallel_config(devices=0)
   return c
