@@ -30,6 +30,20 @@ def test_transfer_goals():
   assert not g["finetune_beats_scratch_by_10"] and not g["best_in_60_95"]
 
 
+def test_transfer_goals_at_few_and_many_shots():
+  arms = {"finetune@10shot": _arm(0.75), "scratch@10shot": _arm(0.60),
+          "probe@10shot": _arm(0.70), "finetune@100shot": _arm(0.86),
+          "scratch@100shot": _arm(0.80), "probe@100shot": _arm(0.82),
+          "no_adaptation": _arm(0.70)}
+  g = transfer.transfer_goals({"arms": arms})
+  assert (g["few_shots"], g["many_shots"]) == (10, 100)
+  assert g["finetune_beats_scratch_by_10"] and g["best_in_60_95"]
+  assert g["best_minus_probe_and_source"] == pytest.approx(0.04)
+  assert g["best_above_probe_and_source_by_3"]
+  arms["probe@100shot"] = _arm(0.84)
+  assert not transfer.transfer_goals({"arms": arms})["best_above_probe_and_source_by_3"]
+
+
 @pytest.fixture(scope="module")
 def pre(tmp_path_factory):
   return f"pretrained.workdir={tmp_path_factory.mktemp('bench') / 'pre'}"

@@ -61,14 +61,14 @@ def _demo(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _bench(args: argparse.Namespace, overrides: list[str]) -> None:
-  if overrides:
-    raise UserError(f"bench takes no config overrides, got {' '.join(overrides)}")
+  if overrides and args.name == "throughput":
+    raise UserError(f"bench throughput takes no config overrides, got {' '.join(overrides)}")
   try:
     shots = [int(v) for v in args.shots.split(",")] if args.shots else None
   except ValueError:
     raise UserError(f"--shots takes comma-separated integers, got {args.shots!r}") from None
   result = bench.run(args.name, json_path=args.json, seeds=args.seeds, quick=args.quick,
-                     shots=shots)
+                     shots=shots, config=args.config, overrides=overrides)
   print(bench.common.format_table(result))
 
 
@@ -140,8 +140,11 @@ def parser() -> argparse.ArgumentParser:
   b.add_argument("--json", required=True, help="where to write the results")
   b.add_argument("--seeds", type=int, default=5)
   b.add_argument("--quick", action="store_true", help="a fast smoke version")
-  b.add_argument("--shots", default="", help="accuracy, solve: comma-separated shots a class, "
-                 "0 = the whole target set (default 5,10,0)")
+  b.add_argument("--shots", default="", help="transfer, accuracy, solve: comma-separated "
+                 "shots a class, 0 = the whole target set (default 5 for transfer, 5,10,0)")
+  b.add_argument("--config", default=bench.common.TRANSFER_CONFIG,
+                 help="the transfer task's config, by name or path (default %(default)s; "
+                 "fashion_transfer: Fashion-MNIST); not for throughput")
   return p
 
 

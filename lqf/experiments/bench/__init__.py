@@ -18,23 +18,31 @@ NAMES = ("transfer", "accuracy", "cost", "solve", "throughput")
 
 
 def run(name: str, *, json_path: str, seeds: int, quick: bool,
-        overrides: Sequence[str] = (), shots: Sequence[int] | None = None) -> dict[str, Any]:
-  """Runs benchmark `name` and writes its JSON document to `json_path` atomically."""
+        overrides: Sequence[str] = (), shots: Sequence[int] | None = None,
+        config: str = common.TRANSFER_CONFIG) -> dict[str, Any]:
+  """Runs benchmark `name` on the transfer task of `config` (all but throughput) and
+  writes its JSON document to `json_path` atomically."""
   if seeds < 1:
     raise UserError(f"--seeds must be at least 1, got {seeds}")
   command = " ".join(["python -m lqf bench", name, "--json", json_path, "--seeds", str(seeds)]
+                     + (["--config", config] if config != common.TRANSFER_CONFIG else [])
                      + (["--shots", ",".join(map(str, shots))] if shots else [])
-                     + (["--quick"] if quick else []))
+                     + (["--quick"] if quick else [])
+                     + [f"--config.{o.removeprefix('--').removeprefix('config.')}"
+                        for o in overrides])
   if name == "transfer":
-    result = transfer.transfer(seeds=seeds, quick=quick, overrides=overrides)
+    result = transfer.transfer(seeds=seeds, quick=quick, overrides=overrides, config=config,
+                               shots=shots)
     result["goals"] = transfer.transfer_goals(result)
   elif name == "cost":
-    result = transfer.cost(seeds=seeds, quick=quick, overrides=overrides)
+    result = transfer.cost(seeds=seeds, quick=quick, overrides=overrides, config=config)
   elif name == "accuracy":
-    result = transfer.accuracy(seeds=seeds, quick=quick, overrides=overrides, shots=shots)
+    result = transfer.accuracy(seeds=seeds, quick=quick, overrides=overrides, shots=shots,
+                               config=config)
     result["goals"] = transfer.accuracy_goals(result)
   elif name == "solve":
-    result = solve.run(seeds=seeds, quick=quick, shots=shots, overrides=overrides)
+    result = solve.run(seeds=seeds, quick=quick, shots=shots, overrides=overrides,
+                       config=config)
   elif name == "throughput":
     result = throughput.run(seeds=seeds, quick=quick)
   else:

@@ -80,13 +80,14 @@ class _Reached(Exception):
 
 
 def run(*, seeds: int, quick: bool, shots: Sequence[int] | None = None,
+        config: str = TRANSFER_CONFIG,
         trainer_shots: int = 5, max_steps: int = 200, overrides: Sequence[str] = ()
         ) -> dict[str, Any]:
   """The benchmark's result document (without `meta`); `quick` is a smoke test."""
   shots = shots or ((5,) if quick else (5, 10, 0))
   if quick:
     max_steps = 5
-  cfg = config_lib.load(TRANSFER_CONFIG, overrides)
+  cfg = config_lib.load(config, overrides)
   pre_cfg, pretrained = ensure_pretrained(cfg.pretrained, quick)
   d, c, s = cfg.data, config_lib.to_dict(cfg.lqf), config_lib.to_dict(cfg.solve)
   if quick:  # A smoke test: the last stage's Jacobian instead of the whole network's.
