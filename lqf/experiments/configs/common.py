@@ -38,3 +38,13 @@ def solve_block(**changes) -> ml_collections.ConfigDict:
 def probe_block(**changes) -> ml_collections.ConfigDict:
   """The linear probe: the head alone on frozen features."""
   return ml_collections.ConfigDict(dict(lr=0.01, weight_decay=1e-3, steps=300) | changes)
+
+
+def adaptation_blocks() -> dict[str, ml_collections.ConfigDict]:
+  """The arms of a transfer task, at their defaults: `finetune` (every weight, batch norm
+  frozen), `scratch` (a fresh network, batch norm trained), `probe`, `lqf`, `solve`."""
+  return dict(
+      finetune=sgd(),
+      scratch=sgd(lr=0.05, weight_decay=5e-4, steps=300, warmup_steps=10,
+                  checkpoint_every=300, eval_every=300, log_every=300, train_bn=True),
+      probe=probe_block(), lqf=lqf_block(), solve=solve_block())

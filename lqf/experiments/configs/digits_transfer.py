@@ -29,17 +29,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.augment.crop_padding = 0
   c.val_split = "train[85%:]"
   c.shots = 5                     # Labelled examples per class; 0 = the whole split.
-  c.finetune = common.sgd()
-  c.scratch = common.sgd(lr=0.05, weight_decay=5e-4, steps=300, warmup_steps=10,
-                         checkpoint_every=300, eval_every=300, log_every=300, train_bn=True)
-  c.probe = common.probe_block()
-  c.lqf = common.lqf_block()
-  # The exact optimum of the LQF problem (`python -m lqf solve`; `lqf.report_gap=True`
-  # makes the finetune command report its run's relative gap to it). The kernel solve
-  # (float32 Jacobian, float64 Cholesky) matches a float64 solve to 1e-6 here; float32 CG
-  # cannot get within 1% of an optimum ~1e-5 of the starting objective, so CG needs
-  # float64 (12× slower per product on this CPU).
-  c.solve = common.solve_block()
+  # The arms at their defaults. About `solve`, the exact optimum of the LQF problem
+  # (`python -m lqf solve`; `lqf.report_gap=True` makes the finetune command report its
+  # run's relative gap to it): the kernel solve (float32 Jacobian, float64 Cholesky)
+  # matches a float64 solve to 1e-6 here; float32 CG cannot get within 1% of an optimum
+  # ~1e-5 of the starting objective, so CG needs float64 (12× slower per product here).
+  c.update(common.adaptation_blocks())
   # What only the benchmark reads. Each arm's learning rate is picked from its grid on the
   # validation split; the ReLU ablation needs a ReLU backbone, pretrained the same way.
   c.bench = dict(

@@ -32,12 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.augment.crop_padding = 0
   c.val_split = "train[90%:]"
   c.shots = 10
-  c.finetune = common.sgd()
-  c.scratch = common.sgd(lr=0.05, weight_decay=5e-4, steps=300, warmup_steps=10,
-                         checkpoint_every=300, eval_every=300, log_every=300, train_bn=True)
-  c.probe = common.probe_block()
-  c.lqf = common.lqf_block()
-  c.solve = common.solve_block()
+  c.update(common.adaptation_blocks())
   c.bench = dict(
       lr_grid=dict(finetune=(0.001, 0.003, 0.01, 0.03), scratch=(0.03, 0.1, 0.3),
                    probe=(0.003, 0.01, 0.03, 0.1), lqf_sgd=(1e-4, 3e-4, 1e-3)),
