@@ -1,7 +1,7 @@
 """The command line as a user meets it: one-line errors, exit code 2, nothing written."""
 
 
-from cli_helpers import assert_one_line_error, run_cli
+from cli_helpers import assert_one_line_error, run_cli, run_process
 import pytest
 
 CONFIG = "digits_pretrain"
@@ -31,7 +31,8 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, override, match):
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("")
-  proc = run("pretrain", "--config", CONFIG, "--workdir", str(blocker / "run"), *TINY)
+  # A real process: `python -m lqf` itself exits 2 with the one line.
+  proc = run_process("pretrain", "--config", CONFIG, "--workdir", str(blocker / "run"), *TINY)
   _assert_one_line_error(proc, "cannot be written")
 
 

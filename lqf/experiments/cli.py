@@ -39,20 +39,31 @@ def _train_job(args: argparse.Namespace, overrides: list[str]) -> None:
           f"{result['seconds']:.1f} s (converged: {result['converged']})")
 
 
+DEMO_QUICK_PRETRAIN = ("model.width=4", "data.image_size=8", "train.steps=20",
+                       "train.checkpoint_every=10", "train.eval_every=10")
+DEMO_QUICK_FINETUNE = ("data.image_size=8", "lqf.steps=3", "finetune.steps=10",
+                       "probe.steps=20")
+
+
 def _demo(args: argparse.Namespace, overrides: list[str]) -> None:
   """Pretrain (or reuse), then LQF, nonlinear fine-tuning and a linear probe, side by side."""
   if overrides:
     raise UserError(f"demo takes no config overrides, got {' '.join(overrides)}")
   root = args.workdir
-  pre = config_lib.load("digits_pretrain")
-  print(f"1/2 pretraining on clean digits into {root}/pretrain (reused when finished)")
-  source = pretrain.pretrain(pre, f"{root}/pretrain", progress=not args.no_progress)
+  # --quick: the same jobs on 8×8 images, a 4-channel network and a few steps each, in
+  # runs of their own so that they never meet a full demo's.
+  pre_tiny, ft_tiny, tag = (DEMO_QUICK_PRETRAIN, DEMO_QUICK_FINETUNE, "_quick") \
+      if args.quick else ((), (), "")
+  pre = config_lib.load("digits_pretrain", pre_tiny)
+  pre_dir = f"{root}/pretrain{tag}"
+  print(f"1/2 pretraining on clean digits into {pre_dir} (reused when finished)")
+  source = pretrain.pretrain(pre, pre_dir, progress=not args.no_progress)
   rows = [("source model, clean test", source["eval"]["accuracy"])]
   print("2/2 adapting to 5 shots a class of shifted, noisy digits")
   for method in job_finetune.METHODS:
     cfg = config_lib.load("digits_finetune",
-                          [f"method={method}", f"pretrained.workdir={root}/pretrain"])
-    result = job_finetune.run(cfg, f"{root}/{method}", progress=not args.no_progress)
+                          [f"method={method}", f"pretrained.workdir={pre_dir}", *ft_tiny])
+    result = job_finetune.run(cfg, f"{root}/{method}{tag}", progress=not args.no_progress)
     rows.append((f"{method}, target test", result["eval"]["accuracy"]))
   print(f"\n{'model':<28} accuracy")
   for name, acc in rows:
@@ -125,6 +136,8 @@ def parser() -> argparse.ArgumentParser:
   dm = sub.add_parser("demo", help="the main job on the built-in digits")
   dm.add_argument("--workdir", default="runs/demo")
   dm.add_argument("--no_progress", action="store_true", help="no progress bars")
+  dm.add_argument("--quick", action="store_true",
+                  help="a smoke run in a minute: tiny images, network and step counts")
   im = sub.add_parser("import-weights", help="an ImageNet ResNet from torchvision or timm",
                       description="Reads .safetensors, .npz or (with torch) .pth weights of "
                       "a torchvision/timm ResNet-18/34/50 and writes them as a finished "

@@ -48,7 +48,12 @@ def meta(command: str, seeds: Sequence[int]) -> dict[str, Any]:
           "versions": versions, "python": sys.version.split()[0]}
 
 
-QUICK_PRETRAIN = ("train.steps=20", "train.checkpoint_every=10")
+# Quick mode is a smoke test of the machinery: a 4-channel network on 8×8 images, whose
+# programs compile in seconds. Every bench's own quick overrides carry QUICK_DATA so that
+# its task reads images of the size its quick source model saw.
+QUICK_DATA = ("data.image_size=8",)
+QUICK_PRETRAIN = ("train.steps=20", "train.checkpoint_every=10", "model.width=4",
+                  *QUICK_DATA)
 
 
 def pretrained_run(spec: Mapping[str, Any], *, suffix: str = "",

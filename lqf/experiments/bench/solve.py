@@ -21,6 +21,7 @@ import numpy as np
 
 import lqf.data.pipeline as pipeline
 from lqf.errors import NonFiniteLossError
+import lqf.experiments.bench.common as common
 from lqf.experiments.bench.common import TRANSFER_CONFIG, ensure_pretrained, summary
 import lqf.finetune as finetune
 import lqf.linearize as linearize
@@ -87,7 +88,7 @@ def run(*, seeds: int, quick: bool, shots: Sequence[int] | None = None,
   shots = shots or ((5,) if quick else (5, 10, 0))
   if quick:
     max_steps = 5
-  cfg = config_lib.load(config, overrides)
+  cfg = config_lib.load(config, (common.QUICK_DATA if quick else ()) + tuple(overrides))
   pre_cfg, pretrained = ensure_pretrained(cfg.pretrained, quick)
   d, c, s = cfg.data, config_lib.to_dict(cfg.lqf), config_lib.to_dict(cfg.solve)
   if quick:  # A smoke test: the last stage's Jacobian instead of the whole network's.
