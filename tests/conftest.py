@@ -66,10 +66,11 @@ def pretrained(tmp_path_factory):
   return workdir
 
 
-# Longest first: with two xdist workers, the notebooks (one worker runs them all) and the
-# end-to-end benchmarks and crash tests start early instead of leaving a worker idle at
-# the end.
-_FIRST = ("test_notebooks.py", "test_bench.py", "test_crash.py", "test_parallel.py")
+# Longest first: with two xdist workers, README's command blocks, the notebooks (one worker
+# runs them all) and the end-to-end benchmarks and crash tests start early instead of
+# leaving a worker idle at the end.
+_FIRST = ("test_readme.py", "test_notebooks.py", "test_bench.py", "test_crash.py",
+          "test_parallel.py")
 
 
 def pytest_collection_modifyitems(items):
