@@ -9,7 +9,8 @@ and the command line, and nothing here imports it.
 
     import lqf
     clf = lqf.build_classifier(model_cfg, num_classes=10, in_channels=1, seed=0)
-    lin = lqf.linearize.linearize(clf.split_at, clf.params, clf.batch_stats, "all")
+    lin = lqf.linearize.linearize(clf.split_at, clf.params, clf.batch_stats, "all",
+                                  select=clf.linearizable)
     problem = lqf.solve.mse_problem(lin.apply, lin.state, lin.zeros(), feats, labels, 10,
                                     k=5.0, lam=1e-4)
     delta = lqf.solve.kernel_solve(problem).delta

@@ -95,7 +95,7 @@ def lqf(clf: Classifier, data: pipeline.ImageSplit, c: Mapping[str, Any], *,
   """
 
   lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, c["scope"],
-                            batch_norm=c["batch_norm"])
+                            batch_norm=c["batch_norm"], select=clf.linearizable)
   feats = linearize.prefix_features(lin, jnp.asarray(data.images))
   labels = jnp.asarray(data.labels)
   loss = objective.make_loss(lin.apply, loss=c["loss"], k=c["k"], lam=c["lam"])
@@ -122,7 +122,7 @@ def lqf_problem(clf: Classifier, images: np.ndarray, labels: np.ndarray,
   `jax.enable_x64` for float64)."""
   lin = linearize.linearize(clf.split_at, _to_float(clf.params, dtype),
                             _to_float(clf.batch_stats, dtype), c["scope"],
-                            batch_norm=c["batch_norm"])
+                            batch_norm=c["batch_norm"], select=clf.linearizable)
   feats = linearize.prefix_features(lin, jnp.asarray(images, dtype))
   return solve.mse_problem(lin.apply, lin.state, lin.zeros(), feats, labels, num_classes,
                            k=c["k"], lam=c["lam"], batch_size=batch_size)

@@ -47,15 +47,6 @@ def linearized_subtree(params: Mapping[str, Any], scope: str, *,
                                    scope, batch_norm)
 
 
-def selector_of(split_at: Any) -> Callable[..., PyTree] | None:
-  """The `select` attribute that `split_at`, or the function it partially applies (one
-  level of `functools.partial`), carries; None when neither does."""
-  select = getattr(split_at, "select", None)
-  if select is None:
-    select = getattr(getattr(split_at, "func", None), "select", None)
-  return select
-
-
 def merge(params: Mapping[str, Any], part: Mapping[str, Any]) -> dict[str, Any]:
   """`params` with the leaves of `part` (a nested subset of its keys) put in."""
   out = dict(params)
@@ -85,16 +76,12 @@ class Linearized:
 
 def linearize(split_at: Callable[[str], tuple[Callable, Callable]], params: PyTree,
               batch_stats: PyTree, scope: str, *, batch_norm: bool = False,
-              select: Callable[..., PyTree] | None = None) -> Linearized:
+              select: Callable[..., PyTree]) -> Linearized:
   """Linearizes a network given by `split_at` (see `lqf.models.backbone`) around `params`;
   `scope` and `batch_norm` choose the weights.
 
-  The weights are `select(params, scope, batch_norm)` (e.g. a classifier's
-  `linearizable`). Without `select`, the `select` attribute carried by `split_at` or by
-  the function it partially applies (`functools.partial(clf.split_at, output="joint")`)
-  is used: `build_classifier` sets it, so `linearize(clf.split_at, ...)` picks the
-  backbone's weights whatever the family. Failing both, `linearized_subtree`'s ResNet
-  default.
+  The weights are `select(params, scope, batch_norm)`: a classifier's `linearizable`,
+  which its backbone family defines (`lqf.models.backbone`).
   """
   if scope not in SCOPES:
     raise ValueError(f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
@@ -107,9 +94,7 @@ def linearize(split_at: Callable[[str], tuple[Callable, Callable]], params: PyTr
     y0, jd = jax.jvp(lambda w: nonlinear(w, state, h), (state["w0"],), (delta,))
     return y0 + jd
 
-  select = select or selector_of(split_at)
-  w0 = (select(params, scope, batch_norm) if select is not None
-        else linearized_subtree(params, scope, batch_norm=batch_norm))
+  w0 = select(params, scope, batch_norm)
   state = {"w0": jax.tree.map(jnp.array, w0),
            "params": params, "batch_stats": batch_stats}
   prefix = jax.jit(lambda x: prefix_fn(params, batch_stats, x))

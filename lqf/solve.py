@@ -18,8 +18,9 @@ Two solvers, which must agree:
 - `kernel_solve`: with Φ the rows √(a_t w_ti/N_t)·G_ti (one per output) and r the matching
   residuals √(a_t w_ti/N_t)·(y_ti - g_t(h_ti; 0)), δ* = Φᵀ(ΦΦᵀ + λI)⁻¹ r and
   L* = λ rᵀ(ΦΦᵀ + λI)⁻¹ r. For one unweighted term ΦΦᵀ = K/N, so this is
-  δ* = Jᵀ(K + NλI)⁻¹ r with the empirical tangent kernel K = JJᵀ. It costs memory for
-  the Σ N_t C_t rows, so it is for small training sets.
+  δ* = Jᵀ(K + NλI)⁻¹ r with the empirical tangent kernel K = JJᵀ. Its memory is the
+  (Σ N_t C_t)² float64 system plus, when it fits, the Jacobian; otherwise two row blocks
+  of it at a time, recomputed (`KernelPath`), so it is for up to ~10⁴ rows.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import numpy as np
 import scipy.linalg
 
 from lqf.errors import UserError
-from lqf.linearize import LinState, linearized_subtree
+from lqf.linearize import LinState
 import lqf.objective as objective_lib
 import lqf.runtime.parallel as parallel
 
@@ -330,47 +331,85 @@ def jacobian(outputs: Outputs, like: PyTree, state: LinState, inputs: jax.Array,
   return np.concatenate(jacs), np.concatenate(outs)
 
 
-def gram(rows: np.ndarray, block: int = 512) -> np.ndarray:
-  """rows @ rowsᵀ accumulated in float64, one pair of row blocks at a time: [R, P] ->
-  [R, R]. A float32 product's rounding (relative 1e-7 of the largest entries) can exceed
-  a small ridge and make K + λI indefinite; converting two blocks at a time keeps the
-  extra memory at 2·block·P doubles."""
-  n = len(rows)
-  out = np.empty((n, n), np.float64)
-  for i in range(0, n, block):
-    a = np.asarray(rows[i:i + block], np.float64)
-    for j in range(0, i + 1, block):
-      b = a if j == i else np.asarray(rows[j:j + block], np.float64)
-      out[i:i + block, j:j + block] = a @ b.T
-      out[j:j + block, i:i + block] = out[i:i + block, j:j + block].T
+def gram_of_blocks(blocks: Sequence[Callable[[], np.ndarray]], sizes: Sequence[int]
+                   ) -> np.ndarray:
+  """G Gᵀ in float64 from G's row blocks: `blocks[a]()` returns rows [sizes[a], P].
+
+  Two blocks are in memory at a time, converted to float64 (a float32 product's
+  rounding, relative 1e-7 of the largest entries, can exceed a small ridge and make
+  K + λI indefinite). Block a is asked for a + 1 times: when the functions recompute
+  their blocks from the network, the kernel costs (B + 1)/2 Jacobian passes for B blocks
+  and never holds G.
+  """
+  offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+  out = np.empty((offsets[-1], offsets[-1]), np.float64)
+  for a, block_a in enumerate(blocks):
+    rows_a = np.asarray(block_a(), np.float64)
+    sa = slice(offsets[a], offsets[a + 1])
+    for b in range(a + 1):
+      rows_b = rows_a if b == a else np.asarray(blocks[b](), np.float64)
+      sb = slice(offsets[b], offsets[b + 1])
+      out[sa, sb] = rows_a @ rows_b.T
+      out[sb, sa] = out[sa, sb].T
   return out
 
 
+def gram(rows: np.ndarray, block: int = 512) -> np.ndarray:
+  """rows @ rowsᵀ accumulated in float64, a pair of row blocks at a time: [R, P] ->
+  [R, R] (`gram_of_blocks` over slices of `rows`)."""
+  starts = range(0, len(rows), block)
+  return gram_of_blocks([functools.partial(lambda i: rows[i:i + block], i) for i in starts],
+                        [min(block, len(rows) - i) for i in starts])
+
+
 def kernel_bytes(rows: int, params: int, itemsize: int = 4) -> int:
-  """Bytes of the rows × params Jacobian the kernel path holds."""
+  """Bytes of the rows × params Jacobian, when the kernel path holds it."""
   return rows * params * itemsize
 
 
-def check_kernel_memory(rows: int, params: int, max_bytes: float, *, itemsize: int = 4,
-                        what: str = "the kernel solve", limit: str = "solve.max_gb") -> None:
-  """The one memory check of the kernel path: refuses, before any work, a Jacobian of
-  `rows` × `params` that would not fit in `max_bytes`."""
-  need = kernel_bytes(rows, params, itemsize)
-  if need > max_bytes:
+def _system_bytes(rows: int) -> int:
+  # The float64 kernel, its scaled and shifted copy, and the Cholesky factor.
+  return 3 * rows * rows * 8
+
+
+def kernel_block_rows(rows: int, params: int, max_bytes: float, *, outputs: int = 1,
+                      itemsize: int = 4, what: str = "the kernel solve",
+                      limit: str = "solve.max_gb") -> int:
+  """The Jacobian rows the kernel path holds at a time within `max_bytes`: all `rows`
+  when the whole Jacobian fits beside the R × R system, else the most that two float64
+  blocks (and their float32 originals) may take, a multiple of `outputs` (one example's
+  rows). Refuses, before any work, a system that leaves no room for one example's rows.
+  This is the kernel path's one memory check."""
+  system = _system_bytes(rows)
+  per_row = params * (2 * 8 + 2 * itemsize)  # Two float64 blocks, two float32 ones.
+  if system + kernel_bytes(rows, params, itemsize) + 2 * min(rows, 512) * params * 8 \
+      <= max_bytes:
+    return rows
+  block = int((max_bytes - system) // per_row) // outputs * outputs
+  if block < outputs:
     raise UserError(
-        f"{what} needs the {rows} × {params} Jacobian ({need / 1e9:.2f} GB), more than "
-        f"the {max_bytes / 1e9:.2f} GB allowed ({limit}): use --config.solve.method=cg, "
-        "which needs memory for one batch only, fewer training examples or a smaller "
-        "lqf.scope")
+        f"{what} needs the {rows} × {rows} kernel system ({system / 1e9:.2f} GB) and "
+        f"Jacobian blocks of at least one example's {outputs} × {params} rows "
+        f"({outputs * per_row / 1e9:.2f} GB), more than the {max_bytes / 1e9:.2f} GB "
+        f"allowed ({limit}): use --config.solve.method=cg, which needs memory for one "
+        "batch only, fewer training examples or a smaller lqf.scope")
+  return block
 
 
-def linearized_size(params: PyTree, scope: str, *, batch_norm: bool = False,
-                    select: Callable[..., PyTree] | None = None) -> int:
-  """P: the number of weights `scope` linearizes (the Jacobian's columns); `select`
-  (e.g. a classifier's `linearizable`) chooses them, else the ResNet default of
-  `linearized_subtree`."""
-  part = (select(params, scope, batch_norm) if select is not None
-          else linearized_subtree(params, scope, batch_norm=batch_norm))
+def check_kernel_memory(rows: int, params: int, max_bytes: float, *, outputs: int = 1,
+                        itemsize: int = 4, what: str = "the kernel solve",
+                        limit: str = "solve.max_gb") -> None:
+  """Refuses, before any work, a kernel path that cannot fit in `max_bytes`
+  (`kernel_block_rows`)."""
+  kernel_block_rows(rows, params, max_bytes, outputs=outputs, itemsize=itemsize, what=what,
+                    limit=limit)
+
+
+def linearized_size(params: PyTree, scope: str, *, select: Callable[..., PyTree],
+                    batch_norm: bool = False) -> int:
+  """P: the number of weights `scope` linearizes (the Jacobian's columns), as `select`
+  (a classifier's `linearizable`) chooses them."""
+  part = select(params, scope, batch_norm)
   return sum(np.size(l) for l in jax.tree.leaves(part))
 
 
@@ -391,7 +430,7 @@ def _groups(terms: tuple[Term, ...]) -> list[list[Term]]:
 @dataclasses.dataclass
 class KernelPath:
   """The exact optimum of every problem that differs from `problem` only in its term
-  weights a_t, from one Jacobian and one float64 kernel.
+  weights a_t, from one float64 kernel.
 
   Terms that read the same outputs of the same inputs share Jacobian rows G_i; per
   example they merge into one weighted squared error (c_ti = a_t w_ti / N_t):
@@ -400,42 +439,74 @@ class KernelPath:
       m_i = Σ_t c_ti y_ti / s_i,   const = Σ_t c_ti ‖y_ti‖² − s_i ‖m_i‖².
 
   With D = diag(√s_i) (repeated over the outputs), r = D (m − g(0)) and the kernel
-  K = G Gᵀ (accumulated in float64 a block at a time, `gram`):
+  K = G Gᵀ (accumulated in float64 a pair of row blocks at a time, `gram_of_blocks`):
 
       δ* = Gᵀ D (D K D + λI)⁻¹ r,     L* = λ rᵀ (D K D + λI)⁻¹ r + const.
 
-  Building costs one Jacobian pass and the kernel; each `solve` one Cholesky
-  factorisation of the (Σ N C)² system. LQF's own problem is one group of one term; the
-  PC term shares LQF's rows (one group, two terms); the BCT term reads other outputs
-  (two groups).
+  Memory is bounded by `max_bytes` (`kernel_block_rows`): the Jacobian G is held when it
+  fits beside the (Σ N C)² system, and otherwise never formed: its row blocks are
+  recomputed from the network for each kernel tile ((B + 1)/2 Jacobian passes for B
+  blocks) and once more for each `solve`'s Gᵀ(Dα). Each `solve` is one Cholesky
+  factorisation. LQF's own problem is one group of one term; the PC term shares LQF's
+  rows (one group, two terms); the BCT term reads other outputs (two groups).
   """
   problem: Problem
-  jac: list[np.ndarray]       # per group, [N_g·C_g, P] float32
+  blocks: list[Callable[[], np.ndarray]]  # G's row blocks [R_a, P], in row order
   g0: list[np.ndarray]        # per group, [N_g, C_g]
   kernel: np.ndarray          # [R, R] float64, R = Σ N_g·C_g
   unravel: Callable[[jax.Array], PyTree]
-  seconds: float              # building the Jacobian and the kernel
+  seconds: float              # building the kernel
+  held: bool                  # whether G is held (else its blocks are recomputed)
 
   @classmethod
   def build(cls, problem: Problem, *, max_bytes: float = 4e9) -> "KernelPath":
     flat_like, unravel = ravel_pytree(problem.like)
-    p = flat_like.size
-    check_kernel_memory(kernel_rows(problem), p, max_bytes,
-                        itemsize=flat_like.dtype.itemsize)
+    p, rows = flat_like.size, kernel_rows(problem)
+    groups = _groups(problem.terms)
+    outputs = math.lcm(*(g[0].targets.shape[-1] for g in groups))
+    block_rows = kernel_block_rows(rows, p, max_bytes, outputs=outputs,
+                                   itemsize=flat_like.dtype.itemsize)
     t0 = time.perf_counter()
     # Not split over a mesh: with the batch sharded, XLA (jax 0.9.1, CPU) returned wrong
     # per-example Jacobian rows from this vmap of jacrev, and so did a shard_map of it
     # (tests/test_parallel.py compares against one device).
     like, state = (problem.like, problem.state) if problem.mesh is None else \
         parallel.to_host((problem.like, problem.state))
-    jacs, outs = [], []
-    for group in _groups(problem.terms):
+    held = block_rows >= rows
+    blocks, sizes, g0 = [], [], []
+    for group in groups:
       t = group[0]
-      jac, g0 = jacobian(t.outputs, like, state, t.inputs, batch_size=problem.batch_size)
-      jacs.append(jac.reshape(-1, p))
-      outs.append(g0)
-    kernel = gram(np.concatenate(jacs) if len(jacs) > 1 else jacs[0])
-    return cls(problem, jacs, outs, kernel, unravel, time.perf_counter() - t0)
+      c = t.targets.shape[-1]
+      if held:
+        jac, out = jacobian(t.outputs, like, state, t.inputs, batch_size=problem.batch_size)
+        jac = jac.reshape(-1, p)
+        starts = range(0, len(jac), 512)
+        blocks += [functools.partial(lambda j, i: j[i:i + 512], jac, i) for i in starts]
+        sizes += [min(512, len(jac) - i) for i in starts]
+        g0.append(out)
+        continue
+      images = block_rows // c
+      batch = min(problem.batch_size, images)
+      for i in range(0, len(t.inputs), images):
+        h = t.inputs[i:i + images]
+        blocks.append(functools.partial(
+            lambda t, h, b: jacobian(t.outputs, like, state, h, batch_size=b)[0].reshape(-1, p),
+            t, h, batch))
+        sizes.append(len(h) * c)
+      g0.append(np.concatenate([np.asarray(t.outputs(like, state, t.inputs[i:i + batch]))
+                                for i in range(0, len(t.inputs), batch)]))
+    kernel = gram_of_blocks(blocks, sizes)
+    return cls(problem, blocks, g0, kernel, unravel, time.perf_counter() - t0, held)
+
+  def transpose_product(self, coef: np.ndarray) -> np.ndarray:
+    """Gᵀ coef in float64, a row block at a time: [R] -> [P]."""
+    out, start = None, 0
+    for block in self.blocks:
+      rows = np.asarray(block(), np.float64)
+      part = rows.T @ coef[start:start + len(rows)]
+      out = part if out is None else out + part
+      start += len(rows)
+    return out
 
   def solve(self, weights: Sequence[float] | None = None) -> Solution:
     """The exact optimum with term weights `weights` (default: the problem's own)."""
@@ -465,17 +536,11 @@ class KernelPath:
     system = d[:, None] * self.kernel * d[None, :]
     if lam > 0:
       system[np.diag_indices_from(system)] += lam
-      alpha = scipy.linalg.cho_solve(scipy.linalg.cho_factor(system), r)
+      alpha = scipy.linalg.cho_solve(scipy.linalg.cho_factor(system, overwrite_a=True), r)
     else:  # Minimum-norm interpolation.
       alpha = np.linalg.lstsq(system, r, rcond=None)[0]
-    coef = d * alpha
-    delta_flat = np.zeros(self.jac[0].shape[1], np.float64)
-    start = 0
-    for jac in self.jac:  # Gᵀ(Dα) a block of rows at a time, in float64.
-      for i in range(0, len(jac), 4096):
-        block = jac[i:i + 4096]
-        delta_flat += np.asarray(block, np.float64).T @ coef[start + i:start + i + len(block)]
-      start += len(jac)
+    del system
+    delta_flat = self.transpose_product(d * alpha)
     dtype = ravel_pytree(self.problem.like)[0].dtype
     delta = self.unravel(jnp.asarray(delta_flat, dtype))
     if self.problem.mesh is not None:

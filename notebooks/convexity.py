@@ -66,7 +66,7 @@ data = pipeline.load_split(cfg.data, cfg.data.train_split, corrupted=True, shots
 clf = finetune.with_new_head(source, pre_record["model"], data.num_classes,
                              cfg.data.channels, seed=0)
 c = config_lib.to_dict(cfg.lqf)
-lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, "all")
+lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, "all", select=clf.linearizable)
 feats, labels = jnp.asarray(data.images), jnp.asarray(data.labels)
 lq = objective.make_loss(lin.apply, loss="mse", k=c["k"], lam=c["lam"])
 nl = objective.make_nonlinear_loss(lin.nonlinear, loss="mse", k=c["k"], lam=c["lam"])

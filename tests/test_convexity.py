@@ -17,7 +17,8 @@ def setup():
   clf = build_classifier(MODEL, 3, 1, seed=0)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(12, 6, 6, 1)), jnp.float32)
   labels = jnp.asarray(np.arange(12) % 3)
-  lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, "head")
+  lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, "head",
+                            select=clf.linearizable)
   h = linearize.prefix_features(lin, x)
   lq = objective.make_loss(lin.apply, loss="mse", k=2.0, lam=1e-2)
   nl = objective.make_nonlinear_loss(lin.nonlinear, loss="mse", k=2.0, lam=1e-2)
@@ -69,7 +70,8 @@ def test_linearized_hessian_is_constant_and_psd_nonlinear_is_not_constant():
   clf = build_classifier(MODEL, 3, 1, seed=0)
   x = jnp.asarray(np.random.default_rng(4).normal(size=(12, 6, 6, 1)), jnp.float32)
   labels = jnp.asarray(np.arange(12) % 3)
-  lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, "all")
+  lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, "all",
+                            select=clf.linearizable)
   lq = objective.make_loss(lin.apply, loss="mse", k=2.0, lam=0.0)
   nl = objective.make_nonlinear_loss(lin.nonlinear, loss="mse", k=2.0, lam=0.0)
   lq1 = lambda d: lq(d, lin.state, (x, labels))

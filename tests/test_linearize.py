@@ -40,14 +40,16 @@ def _random_like(tree, seed, scale=1.0):
 
 @pytest.mark.parametrize("scope", ["all", "last_stage", "head"])
 def test_f_lin_at_zero_is_the_network(net, x, scope):
-  lin = linearize.linearize(net.split_at, net.params, net.batch_stats, scope)
+  lin = linearize.linearize(net.split_at, net.params, net.batch_stats, scope,
+                            select=net.linearizable)
   h = linearize.prefix_features(lin, x)
   np.testing.assert_allclose(lin.apply(lin.zeros(), lin.state, h),
                              net.apply(net.params, net.batch_stats, x), rtol=1e-5, atol=1e-5)
 
 
 def test_f_lin_equals_f0_plus_explicit_jacobian(net, x):
-  lin = linearize.linearize(net.split_at, net.params, net.batch_stats, "all")
+  lin = linearize.linearize(net.split_at, net.params, net.batch_stats, "all",
+                            select=net.linearizable)
   flat_w0, unravel = ravel_pytree(lin.state["w0"])
   f = lambda w: lin.nonlinear(unravel(w), lin.state, x).ravel()
   # J column by column: one forward-mode product per parameter.
@@ -60,7 +62,8 @@ def test_f_lin_equals_f0_plus_explicit_jacobian(net, x):
 
 
 def test_f_lin_is_affine_in_delta(net, x):
-  lin = linearize.linearize(net.split_at, net.params, net.batch_stats, "all")
+  lin = linearize.linearize(net.split_at, net.params, net.batch_stats, "all",
+                            select=net.linearizable)
   d1, d2 = _random_like(lin.state["w0"], 3, 0.1), _random_like(lin.state["w0"], 4, 0.1)
   f0 = lin.apply(lin.zeros(), lin.state, x)
   g = lambda d: lin.apply(d, lin.state, x) - f0
@@ -72,7 +75,7 @@ def test_linearization_error_is_second_order(net, x):
   with jax.enable_x64(True):
     p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), net.params)
     s64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), net.batch_stats)
-    lin = linearize.linearize(net.split_at, p64, s64, "all")
+    lin = linearize.linearize(net.split_at, p64, s64, "all", select=net.linearizable)
     x64 = jnp.asarray(x, jnp.float64)
     delta = _random_like(lin.state["w0"], 5)
     delta = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), delta)
@@ -89,8 +92,10 @@ def test_linearization_error_is_second_order(net, x):
 
 
 def test_suffix_linearization_matches_full_linearization_restricted(net, x):
-  full = linearize.linearize(net.split_at, net.params, net.batch_stats, "all")
-  last = linearize.linearize(net.split_at, net.params, net.batch_stats, "last_stage")
+  full = linearize.linearize(net.split_at, net.params, net.batch_stats, "all",
+                             select=net.linearizable)
+  last = linearize.linearize(net.split_at, net.params, net.batch_stats, "last_stage",
+                             select=net.linearizable)
   d_last = _random_like(last.state["w0"], 6, 0.1)
   d_full = linearize.merge(jax.tree.map(jnp.zeros_like, full.state["w0"]), d_last)
   np.testing.assert_allclose(last.apply(d_last, last.state, last.prefix(x)),
@@ -106,7 +111,8 @@ def test_batch_norm_is_frozen_unless_asked(net):
 
 
 def test_objective_hessian_is_constant(net, x):
-  lin = linearize.linearize(net.split_at, net.params, net.batch_stats, "all")
+  lin = linearize.linearize(net.split_at, net.params, net.batch_stats, "all",
+                            select=net.linearizable)
   y = jnp.arange(N) % C
   loss = objective.make_loss(lin.apply, loss="mse", k=5.0, lam=1e-3)
   f = lambda d: loss(d, lin.state, (x, y))
@@ -123,7 +129,8 @@ def _kernels(tree):
 
 @pytest.mark.parametrize("scope", ["all", "last_stage"])
 def test_kfac_gives_every_linearized_kernel_a_kronecker_block(net, x, scope):
-  lin = linearize.linearize(net.split_at, net.params, net.batch_stats, scope)
+  lin = linearize.linearize(net.split_at, net.params, net.batch_stats, scope,
+                            select=net.linearizable)
   h = linearize.prefix_features(lin, x)
   y = jnp.arange(N) % C
   opt = kfac_initialised(lin, h, y)
@@ -147,7 +154,8 @@ def _closed_form(lin, h, y, k, lam):
 
 @pytest.mark.parametrize("optimizer", ["kfac", "adam"])
 def test_training_reaches_the_closed_form_ridge_solution(net, x, optimizer):
-  lin = linearize.linearize(net.split_at, net.params, net.batch_stats, "last_stage")
+  lin = linearize.linearize(net.split_at, net.params, net.batch_stats, "last_stage",
+                            select=net.linearizable)
   h = linearize.prefix_features(lin, x)
   y = jnp.arange(N) % C
   k, lam = 5.0, 1e-1
@@ -167,7 +175,8 @@ def test_training_reaches_the_closed_form_ridge_solution(net, x, optimizer):
 
 def test_a_diverging_run_stops_with_a_clear_error(net, x):
   from lqf.errors import NonFiniteLossError
-  lin = linearize.linearize(net.split_at, net.params, net.batch_stats, "all")
+  lin = linearize.linearize(net.split_at, net.params, net.batch_stats, "all",
+                            select=net.linearizable)
   y = jnp.arange(N) % C
   loss = objective.make_loss(lin.apply, loss="mse", k=5.0, lam=1e-3)
   o = dict(optimizer="sgd", lr=10.0, momentum=0.9, steps=50, batch_size=N)

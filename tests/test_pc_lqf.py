@@ -121,7 +121,7 @@ def test_path_solution_is_the_exact_optimum(tiny, rho):
 def test_path_end_points_are_plain_lqf_and_the_fully_constrained_problem(tiny):
   with jax.enable_x64(True):
     path = solve.KernelPath.build(_problem(tiny, 0.0))
-    assert len(path.jac) == 1 and solve.kernel_rows(path.problem) == len(tiny["labels"]) * C
+    assert len(path.g0) == 1 and solve.kernel_rows(path.problem) == len(tiny["labels"]) * C
     plain = solve.mse_problem(_outputs, tiny["state"], tiny["like"], tiny["h"],
                               tiny["labels"], C, k=K, lam=LAM)
     np.testing.assert_allclose(dense.flat(path.at_share(0.0).delta), dense.dense_optimum(plain),
@@ -154,7 +154,8 @@ def test_rho_outside_the_unit_interval_is_refused(tiny):
 def test_kfac_sees_kronecker_blocks_with_the_pc_term():
   clf = build_classifier(dict(arch="cifar", depth=20, width=4, activation="leaky_relu",
                                     leaky_slope=0.1), C, 1, seed=0)
-  lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, "all")
+  lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, "all",
+                            select=clf.linearizable)
   x = jnp.asarray(np.random.default_rng(1).normal(size=(N, 6, 6, 1)), jnp.float32)
   labels = jnp.arange(N) % C
   batch = (x, labels, jnp.ones((N, C)), jnp.ones(N))

@@ -148,7 +148,8 @@ def test_mse_problem_is_lqf_objective_and_solvers_agree_on_a_resnet(x64):
   f64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)
   x = jnp.asarray(np.random.default_rng(7).normal(size=(10, 6, 6, 1)))
   labels = jnp.asarray(np.arange(10) % 3)
-  lin = linearize.linearize(clf.split_at, f64(clf.params), f64(clf.batch_stats), "last_stage")
+  lin = linearize.linearize(clf.split_at, f64(clf.params), f64(clf.batch_stats), "last_stage",
+                            select=clf.linearizable)
   h = linearize.prefix_features(lin, x)
   problem = solve.mse_problem(lin.apply, lin.state, lin.zeros(), h, labels, 3, k=5.0,
                               lam=1e-3, batch_size=4)
@@ -193,3 +194,38 @@ def test_gram_is_the_float64_product_in_any_blocks():
     got = solve.gram(rows, block=block)
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-12)
+
+
+def _block_budget(problem, block_rows):
+  """A max_bytes that leaves room for the kernel system and `block_rows`-row blocks, not
+  for the whole Jacobian (float64 parameters)."""
+  rows, p = solve.kernel_rows(problem), ravel_pytree(problem.like)[0].size
+  return 3 * rows * rows * 8 + block_rows * p * (2 * 8 + 2 * 8)
+
+
+def test_kernel_path_without_the_jacobian_matches_the_held_one_and_the_dense_optimum(
+    x64, monkeypatch):
+  problem = _problem(np.random.default_rng(9))
+  a, b, _, _ = _dense(problem)
+  want = np.linalg.solve(a, b)
+  held = solve.KernelPath.build(problem)
+  assert held.held
+  calls = []
+  real = solve.jacobian
+  monkeypatch.setattr(solve, "jacobian", lambda *a, **k: calls.append(1) or real(*a, **k))
+  # Blocks of 6 rows: 2 examples of the 3-output term, 3 of the 2-output one.
+  blocked = solve.KernelPath.build(problem, max_bytes=_block_budget(problem, 6))
+  assert not blocked.held
+  n_blocks = len(blocked.blocks)
+  assert n_blocks == -(-9 // 2) + -(-7 // 3)
+  assert len(calls) == n_blocks * (n_blocks + 1) // 2  # (B + 1)/2 Jacobian passes.
+  np.testing.assert_allclose(blocked.kernel, held.kernel, rtol=1e-12, atol=1e-12)
+  for weights in (None, (0.3, 2.0)):
+    got, ref = blocked.solve(weights), held.solve(weights)
+    np.testing.assert_allclose(ravel_pytree(got.delta)[0], ravel_pytree(ref.delta)[0],
+                               rtol=1e-10, atol=1e-12)
+    assert got.objective == pytest.approx(ref.objective, rel=1e-10)
+  np.testing.assert_allclose(ravel_pytree(blocked.solve().delta)[0], want, rtol=1e-7,
+                             atol=1e-9)
+  with pytest.raises(UserError, match="at least one example"):
+    solve.KernelPath.build(problem, max_bytes=_block_budget(problem, 5))

@@ -73,7 +73,6 @@ def test_wrong_image_size_is_a_clear_error(net):
 
 def test_scopes_select_vit_weights_and_freeze_layer_norm(net):
   sel = net.linearizable
-  assert sel is net.split_at.select
   all_ = _paths(sel(net.params, "all", False))
   assert not any("norm" in p for p in all_)
   assert _paths(sel(net.params, "all", True)) == _paths(net.params)
@@ -89,7 +88,8 @@ def test_scopes_select_vit_weights_and_freeze_layer_norm(net):
 
 @pytest.mark.parametrize("scope", ["all", "last_stage", "head"])
 def test_f_lin_at_zero_is_the_network(net, x, scope):
-  lin = linearize.linearize(net.split_at, net.params, net.batch_stats, scope)
+  lin = linearize.linearize(net.split_at, net.params, net.batch_stats, scope,
+                            select=net.linearizable)
   assert _paths(lin.state["w0"]) == _paths(net.linearizable(net.params, scope, False))
   h = linearize.prefix_features(lin, x)
   np.testing.assert_allclose(lin.apply(lin.zeros(), lin.state, h),
@@ -99,7 +99,7 @@ def test_f_lin_at_zero_is_the_network(net, x, scope):
 def test_linearize_reads_select_through_a_partial(net):
   import functools
   lin = linearize.linearize(functools.partial(net.split_at, output="joint"), net.params,
-                            net.batch_stats, "last_stage")
+                            net.batch_stats, "last_stage", select=net.linearizable)
   assert _paths(lin.state["w0"]) == _paths(net.linearizable(net.params, "last_stage", False))
 
 
@@ -122,7 +122,8 @@ NOT_KRONECKER = {
 
 @pytest.mark.parametrize("scope", ["all", "last_stage"])
 def test_kfac_gives_every_dense_kernel_a_kronecker_block(net, x, scope):
-  lin = linearize.linearize(net.split_at, net.params, net.batch_stats, scope)
+  lin = linearize.linearize(net.split_at, net.params, net.batch_stats, scope,
+                            select=net.linearizable)
   h = linearize.prefix_features(lin, x)
   y = jnp.arange(N) % C
   opt = kfac_initialised(lin, h, y)
@@ -147,7 +148,7 @@ def test_kfac_gives_every_dense_kernel_a_kronecker_block(net, x, scope):
 def test_exact_solvers_match_the_dense_optimum(net, x, scope):
   with jax.enable_x64(True):
     p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), net.params)
-    lin = linearize.linearize(net.split_at, p64, {}, scope)
+    lin = linearize.linearize(net.split_at, p64, {}, scope, select=net.linearizable)
     h = linearize.prefix_features(lin, jnp.asarray(x, jnp.float64))
     y = jnp.arange(N) % C
     problem = solve.mse_problem(lin.apply, lin.state, lin.zeros(), h, y, C, k=5.0,

@@ -34,8 +34,8 @@ from lqf.runtime.io import atomic_write_json
 
 CONFIG = "digits_bct"
 NONLINEAR = ("independent", "l2", "bct")
-QUICK = (*lqf_bench.QUICK_DATA, "train.steps=10", "old.finetune.steps=10", "new.shots=3", "old.shots=3",
-         "curve.rhos=(0.0,0.5)")
+QUICK = (*lqf_bench.QUICK_DATA, "train.steps=10", "old.finetune.steps=10", "new.shots=3",
+         "old.shots=3", "curve.rhos=(0.0,0.5)")
 METRICS = ("top1", "top5", "mAP")
 
 

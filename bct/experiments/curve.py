@@ -55,7 +55,7 @@ class Linearized:
                              job.head_kind(cfg))
     self.lin = linearize.linearize(functools.partial(clf.split_at, output="joint"),
                                    clf.params, clf.batch_stats, c["scope"],
-                                   batch_norm=c["batch_norm"])
+                                   batch_norm=c["batch_norm"], select=clf.linearizable)
     sub = job.restrict(data, self.classes)
     self.head = job.old_head(old, self.classes, data, b["synth_norm"], b["synth_center"])
     feats = linearize.prefix_features(self.lin, jnp.asarray(sub.images))

@@ -144,7 +144,7 @@ def _run_lqf(clf: Classifier, data: pipeline.ImageSplit, cfg: Mapping[str, Any],
   """Trains δ with checkpoints and resume; returns (predictor, δ), or None if stopped."""
   c = cfg["lqf"]
   lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, c["scope"],
-                            batch_norm=c["batch_norm"])
+                            batch_norm=c["batch_norm"], select=clf.linearizable)
   # Augmentation is off here, so the frozen prefix is computed once per image.
   feats = linearize.prefix_features(lin, jnp.asarray(data.images))
   labels = jnp.asarray(data.labels)

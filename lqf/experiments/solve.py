@@ -52,7 +52,7 @@ def run(cfg: Mapping[str, Any], workdir: str, *, progress: bool = True) -> dict[
         len(data) * data.num_classes,
         solve.linearized_size(clf.params, c["scope"], batch_norm=c["batch_norm"],
                               select=clf.linearizable),
-        s["max_gb"] * 1e9, itemsize=8 if s["float64"] else 4)
+        s["max_gb"] * 1e9, outputs=data.num_classes, itemsize=8 if s["float64"] else 4)
   checkpoint.claim_workdir(workdir, config_lib.to_dict(cfg), command="solve",
                            may_change=("lqf.checkpoint_every", "parallel"))
 
@@ -63,7 +63,7 @@ def run(cfg: Mapping[str, Any], workdir: str, *, progress: bool = True) -> dict[
   sol, seconds = finetune.exact_optimum(clf, data.images, data.labels, data.num_classes, c, s,
                                seed=cfg["seed"], callback=show, mesh=mesh)
   lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, c["scope"],
-                            batch_norm=c["batch_norm"])
+                            batch_norm=c["batch_norm"], select=clf.linearizable)
   apply = jax.jit(lin.apply)
   predict = lambda x: apply(sol.delta, lin.state, linearize.prefix_features(lin, x))
   mgr = checkpoint.manager(os.path.join(workdir, "solution"), keep=1)

@@ -28,10 +28,9 @@ class Classifier:
   batch statistics; apply(params, batch_stats, x) -> logits [N, C] and
   features(params, batch_stats, x) -> embedding [N, D], with running statistics.
   `train_apply_both` and `apply_both` give (logits, embedding) from one forward pass.
-  `split_at(point, output="logits")` is the backbone's `split_at` of the model; it
-  carries `split_at.select`, the same callable as `linearizable`, which
-  `linearize.linearize` uses to choose the weights a scope linearizes.
-  `linearizable(params, scope, batch_norm) -> subtree` is that choice;
+  `split_at(point, output="logits")` is the backbone's `split_at` of the model;
+  `linearizable(params, scope, batch_norm) -> subtree` the weights a scope linearizes
+  (what `linearize.linearize` takes as `select`);
   `backbone` is the family's module (`backbone.for_arch(model_cfg["arch"])`).
   """
   apply: Callable[..., jax.Array]
@@ -58,6 +57,5 @@ def build_classifier(model_cfg: Mapping[str, Any], num_classes: int, in_channels
   train_apply_both, _, _ = bb.split_train_apply(model, "both")
   select = backbone_lib.selector(bb)
   split_at = functools.partial(bb.split_at, model)
-  split_at.select = select  # Read by `linearize.linearize`.
   return Classifier(apply, train_apply, features, split_at, params, batch_stats,
                     apply_both, train_apply_both, linearizable=select, backbone=bb)

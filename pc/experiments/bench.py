@@ -29,9 +29,9 @@ import pc.metrics as metrics
 
 CONFIG = "digits_pc"
 NONLINEAR_ARMS = ("none", "naive", "fd_kl", "fd_lm")
-QUICK = (*lqf_bench.QUICK_DATA, "train.steps=10", "old.finetune.steps=10", "pc.ensemble_size=2",
-         "curve.rhos=(0.0,0.5,1.0)", "shots=3", "old.shots=3", "bench.lam_grid=(1.0,)",
-         "term.target=logits")
+QUICK = (*lqf_bench.QUICK_DATA, "train.steps=10", "old.finetune.steps=10",
+         "pc.ensemble_size=2", "curve.rhos=(0.0,0.5,1.0)", "shots=3", "old.shots=3",
+         "bench.lam_grid=(1.0,)", "term.target=logits")
 
 
 def ensure_backbones(cfg: Mapping[str, Any], quick: bool) -> list[str]:

@@ -48,7 +48,7 @@ def lqf_curve(cfg: Mapping[str, Any], data, evaluation, old: job.Predict,
   c, q = cfg["lqf"], cfg["term"]
   clf = job.new_classifier(dict(cfg, init="finetune"), data.num_classes, seed)
   lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, c["scope"],
-                            batch_norm=c["batch_norm"])
+                            batch_norm=c["batch_norm"], select=clf.linearizable)
   feats = linearize.prefix_features(lin, jnp.asarray(data.images))
   old_train = job.logits_of(old, data.images)
   targets, fit = lqf_term.old_targets(old_train, data.labels, k=c["k"], mode=q["target"])
@@ -130,7 +130,8 @@ def run(cfg: Mapping[str, Any], out: str, *, progress: bool = True) -> dict[str,
       len(data) * data.num_classes,
       solve.linearized_size(clf.params, c["scope"], batch_norm=c["batch_norm"],
                               select=clf.linearizable),
-      cfg["term"]["max_gb"] * 1e9, what="the exact trade-off", limit="term.max_gb")
+      cfg["term"]["max_gb"] * 1e9, outputs=data.num_classes, what="the exact trade-off",
+      limit="term.max_gb")
   try:
     os.makedirs(out, exist_ok=True)
   except OSError as e:

@@ -14,7 +14,8 @@ def bct_block(**changes) -> ml_collections.ConfigDict:
 
 def term_block(**changes) -> ml_collections.ConfigDict:
   """The influence term of the linearized new model's LQF problem (bct/lqf_term.py) at
-  the share `rho`; `max_gb` bounds the exact path's Jacobian, `batch_size` its blocks."""
+  the share `rho`; `max_gb` bounds the exact path's memory (its kernel system and Jacobian
+  blocks), `batch_size` its batches."""
   return ml_collections.ConfigDict(dict(rho=0.5, max_gb=12.0, batch_size=64) | changes)
 
 

@@ -109,7 +109,7 @@ def run(*, seeds: int, quick: bool, shots: Sequence[int] | None = None,
       clf = finetune.with_new_head(pretrained, pre_cfg["model"], data.num_classes,
                                    d.channels, seed)
       lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, c["scope"],
-                                batch_norm=c["batch_norm"])
+                                batch_norm=c["batch_norm"], select=clf.linearizable)
       feats = linearize.prefix_features(lin, jnp.asarray(data.images))
       labels = jnp.asarray(data.labels)
       problem = solve.mse_problem(lin.apply, lin.state, lin.zeros(), feats, labels,

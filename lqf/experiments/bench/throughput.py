@@ -43,7 +43,8 @@ def run(*, seeds: int = 5, quick: bool = False, batch: int | None = None) -> dic
   rng = np.random.default_rng(0)
   x = rng.normal(size=(b, size, size, 3)).astype(np.float32)
   y = rng.integers(0, 1000, size=b).astype(np.int32)
-  lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, "all")
+  lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, "all",
+                            select=clf.linearizable)
   params, stats, state, zeros = clf.params, clf.batch_stats, lin.state, lin.zeros()
   if mesh is not None:
     params, stats, state, zeros = parallel.replicate((params, stats, state, zeros), mesh)

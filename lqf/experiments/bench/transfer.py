@@ -82,9 +82,9 @@ def make_arms(cfg, names: Sequence[str], quick: bool) -> dict[str, Arm]:
 
 # K-FAC's programs for the whole network take most of a quick run's compile time; the
 # last stage runs the same code (the cost bench sets its scopes itself).
-QUICK = (*common.QUICK_DATA, "lqf.scope=last_stage", "finetune.steps=10", "scratch.steps=10", "probe.steps=20", "lqf.steps=3",
-         "bench.lr_grid.finetune=(0.003,)", "bench.lr_grid.scratch=(0.1,)",
-         "bench.lr_grid.probe=(0.01,)",
+QUICK = (*common.QUICK_DATA, "lqf.scope=last_stage", "finetune.steps=10", "scratch.steps=10",
+         "probe.steps=20", "lqf.steps=3", "bench.lr_grid.finetune=(0.003,)",
+         "bench.lr_grid.scratch=(0.1,)", "bench.lr_grid.probe=(0.01,)",
          "bench.lr_grid.lqf_sgd=(0.0003,)")
 
 
@@ -215,7 +215,8 @@ def cost(*, seeds: int = 5, quick: bool = False, overrides: Sequence[str] = (),
                                            clf.params, x, y)
   memory["nonlinear_all"] = c.memory_analysis().temp_size_in_bytes
   for scope in ("all", "last_stage"):
-    lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, scope)
+    lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, scope,
+                              select=clf.linearizable)
     h = linearize.prefix_features(lin, x)
     loss = objective.make_loss(lin.apply, loss="mse", k=5.0, lam=1e-4)
     fns[f"lqf_{scope}"], c = common.sgd_step_timer(

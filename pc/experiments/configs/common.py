@@ -14,7 +14,8 @@ def pc_block(**changes) -> ml_collections.ConfigDict:
 def term_block(**changes) -> ml_collections.ConfigDict:
   """The PC term of the linearized new model's LQF problem (pc/lqf_term.py): weights
   α + β·1(old right) on the distance to the old outputs, fitted affinely to the k·one-hot
-  scale (`target`); `max_gb` bounds the exact path's Jacobian, `batch_size` its blocks."""
+  scale (`target`); `max_gb` bounds the exact path's memory (its kernel system and
+  Jacobian blocks), `batch_size` its batches."""
   return ml_collections.ConfigDict(dict(
       alpha=0.0, beta=1.0, target="affine", max_gb=8.0, batch_size=64) | changes)
 
