@@ -354,12 +354,22 @@ def gram_of_blocks(blocks: Sequence[Callable[[], np.ndarray]], sizes: Sequence[i
   return out
 
 
-def gram(rows: np.ndarray, block: int = 512) -> np.ndarray:
+# Rows a block of a held Jacobian has (the float64 copies of two cost 2·512·P doubles).
+_HELD_BLOCK = 512
+
+
+def _row_slices(rows: np.ndarray, block: int) -> tuple[list[Callable[[], np.ndarray]],
+                                                          list[int]]:
+  """`rows` [R, P] as `gram_of_blocks`'s (blocks, sizes): slices of `block` rows."""
+  starts = range(0, len(rows), block)
+  return ([functools.partial(lambda i: rows[i:i + block], i) for i in starts],
+          [min(block, len(rows) - i) for i in starts])
+
+
+def gram(rows: np.ndarray, block: int = _HELD_BLOCK) -> np.ndarray:
   """rows @ rowsᵀ accumulated in float64, a pair of row blocks at a time: [R, P] ->
   [R, R] (`gram_of_blocks` over slices of `rows`)."""
-  starts = range(0, len(rows), block)
-  return gram_of_blocks([functools.partial(lambda i: rows[i:i + block], i) for i in starts],
-                        [min(block, len(rows) - i) for i in starts])
+  return gram_of_blocks(*_row_slices(rows, block))
 
 
 def kernel_bytes(rows: int, params: int, itemsize: int = 4) -> int:
@@ -382,8 +392,8 @@ def kernel_block_rows(rows: int, params: int, max_bytes: float, *, outputs: int 
   This is the kernel path's one memory check."""
   system = _system_bytes(rows)
   per_row = params * (2 * 8 + 2 * itemsize)  # Two float64 blocks, two float32 ones.
-  if system + kernel_bytes(rows, params, itemsize) + 2 * min(rows, 512) * params * 8 \
-      <= max_bytes:
+  held_blocks = 2 * min(rows, _HELD_BLOCK) * params * 8
+  if system + kernel_bytes(rows, params, itemsize) + held_blocks <= max_bytes:
     return rows
   block = int((max_bytes - system) // per_row) // outputs * outputs
   if block < outputs:
@@ -479,10 +489,9 @@ class KernelPath:
       c = t.targets.shape[-1]
       if held:
         jac, out = jacobian(t.outputs, like, state, t.inputs, batch_size=problem.batch_size)
-        jac = jac.reshape(-1, p)
-        starts = range(0, len(jac), 512)
-        blocks += [functools.partial(lambda j, i: j[i:i + 512], jac, i) for i in starts]
-        sizes += [min(512, len(jac) - i) for i in starts]
+        new_blocks, new_sizes = _row_slices(jac.reshape(-1, p), _HELD_BLOCK)
+        blocks += new_blocks
+        sizes += new_sizes
         g0.append(out)
         continue
       images = block_rows // c
@@ -490,8 +499,8 @@ class KernelPath:
       for i in range(0, len(t.inputs), images):
         h = t.inputs[i:i + images]
         blocks.append(functools.partial(
-            lambda t, h, b: jacobian(t.outputs, like, state, h, batch_size=b)[0].reshape(-1, p),
-            t, h, batch))
+            lambda t, h, b: jacobian(t.outputs, like, state, h,
+                                     batch_size=b)[0].reshape(-1, p), t, h, batch))
         sizes.append(len(h) * c)
       g0.append(np.concatenate([np.asarray(t.outputs(like, state, t.inputs[i:i + batch]))
                                 for i in range(0, len(t.inputs), batch)]))

@@ -215,12 +215,11 @@ BENCH_CHECKS = {("lqf", "transfer"): _check_transfer, ("lqf", "accuracy"): _chec
 
 def blocks() -> list[list[str]]:
   """The README's bash blocks as lists of commands, without the other tools' ones."""
-  out, seen = [], set()
+  out = []
   for block in re.findall(r"```bash\n(.*?)```", README, re.S):
     cmds = [c for c in _commands_of(block) if c.split()[0] not in FOREIGN]
-    if cmds and tuple(cmds) not in seen and not set(cmds) <= {c for b in out for c in b}:
+    if cmds and not set(cmds) <= {c for b in out for c in b}:  # Repeats run once.
       out.append(cmds)
-    seen.add(tuple(cmds))
   return out
 
 
