@@ -39,6 +39,30 @@ def with_new_head(pretrained: Classifier, model_cfg: Mapping[str, Any],
   return dataclasses.replace(fresh, params=params, batch_stats=pretrained.batch_stats)
 
 
+def adapt_batch_norm(clf: Classifier, images: np.ndarray | jax.Array) -> Classifier:
+  """AdaBN (Li et al., 2016): batch norm's running statistics replaced by those of
+  `images` [N, H, W, C], the target domain's (unlabelled) training images.
+
+  Each layer's statistics are those of its input when every layer before it normalises
+  with the batch's statistics, so that afterwards `clf.apply(params, new_stats, images)`
+  equals the training-mode forward pass on `images` as one batch. The weights are kept; a
+  backbone without batch norm is returned unchanged.
+
+  The training-mode pass returns the momentum update `m · old + (1 − m) · batch`, so
+  passes from zero and from one statistics give `(1 − m) · batch` and `m + (1 − m) · batch`;
+  their difference is m whatever a backbone's momentum is (averaged over a layer's
+  channels, where the batch's statistics would otherwise add their rounding to it).
+  """
+  if not jax.tree.leaves(clf.batch_stats):
+    return clf
+  x = jnp.asarray(images, jnp.float32)
+  update = jax.jit(lambda params, stats, x: clf.train_apply(params, stats, x)[1])
+  from_zero = update(clf.params, jax.tree.map(jnp.zeros_like, clf.batch_stats), x)
+  from_one = update(clf.params, jax.tree.map(jnp.ones_like, clf.batch_stats), x)
+  stats = jax.tree.map(lambda z, o: z / (1.0 - jnp.mean(o - z)), from_zero, from_one)
+  return dataclasses.replace(clf, batch_stats=stats)
+
+
 def finetune(clf: Classifier, data: pipeline.ImageSplit, t: Mapping[str, Any], *,
              seed: int, train_bn: bool, augment: Mapping[str, Any] | None = None,
              mesh: Mesh | None = None) -> Classifier:

@@ -70,3 +70,20 @@ def test_summary_of_a_metric_some_seeds_never_reach():
   assert bench_solve._summary_nan([1.0, float("nan"), 3.0]) == {
       "mean": 2.0, "std": pytest.approx(np.sqrt(2.0)), "values": [1.0, None, 3.0],
       "not_reached": 1}
+
+
+def test_rates_chosen_per_seed_on_validation_and_arms_from_adabn_statistics(pre):
+  result, _, _ = transfer.run_arms(
+      arm_names=("finetune", "source_adabn"), shots=(2,), seeds=2, quick=True,
+      overrides=[pre, "bench.tune_per_seed=True", "bench.adapt_batch_norm=True",
+                 "bench.lr_grid.finetune=(0.001,0.01)"])
+  tuning = result["tuning"]["finetune@2shot"]
+  assert len(tuning["lr"]) == len(tuning["val_accuracy"]) == 2
+  for lr, grid in zip(tuning["lr"], tuning["val_accuracy"]):
+    assert set(grid) == {"0.001", "0.01"}
+    assert grid[str(lr)] == max(grid.values())  # The best on validation (ties: lower).
+    assert lr == min(float(v) for v, a in grid.items() if a == max(grid.values()))
+  assert "source_adabn@2shot" not in result["tuning"]  # No grid: nothing tuned.
+  for arm in ("finetune@2shot", "source_adabn@2shot"):
+    values = result["arms"][arm]["accuracy"]["values"]
+    assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values)

@@ -21,7 +21,7 @@ from lqf.experiments import pretrain
 from lqf.runtime import checkpoint
 from lqf.runtime import config as config_lib
 from lqf.runtime import faults
-from lqf.runtime.io import MetricsLog
+from lqf.runtime.io import MetricsLog, read_tensorboard_scalars
 
 STEPS = 6
 PRETRAIN = ["--config.model.width=4", "--config.data.image_size=8",
@@ -75,14 +75,14 @@ def test_killed_at_a_random_step_and_rerun_ends_bit_for_bit_like_an_uninterrupte
   kill_at = random.randrange(1, STEPS)
   why = f"(killed after step {kill_at})"
   full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-  # The uninterrupted run in this process (the same code as `python -m`, warm caches).
-  assert importlib.import_module(f"{module}.experiments.cli").main(
-      args + ["--workdir", full, "--no_progress"]) == 0
+  # The uninterrupted run and the rerun in this process (the same code as `python -m`,
+  # warm caches); only the killed run needs a process of its own.
+  main = importlib.import_module(f"{module}.experiments.cli").main
+  assert main(args + ["--workdir", full, "--no_progress"]) == 0
   killed = _run(module, args + ["--workdir", cut], {faults.KILL_AT_STEP: str(kill_at)})
   assert killed.returncode == -signal.SIGKILL, (why, killed.stderr)
   assert not os.path.exists(os.path.join(cut, "final_metrics.json")), why
-  again = _run(module, args + ["--workdir", cut])
-  assert again.returncode == 0, (why, again.stderr)
+  assert main(args + ["--workdir", cut, "--no_progress"]) == 0, why
   assert json.load(open(os.path.join(full, "final_metrics.json"))) == \
       json.load(open(os.path.join(cut, "final_metrics.json"))), why
   (step_a, a), (step_b, b) = _latest(full), _latest(cut)
@@ -91,6 +91,10 @@ def test_killed_at_a_random_step_and_rerun_ends_bit_for_bit_like_an_uninterrupte
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=why)
   steps = lambda w: [r["step"] for r in MetricsLog(os.path.join(w, "metrics.jsonl")).read()]
   assert steps(full) == steps(cut), why
+  # TensorBoard shows the resumed run as the uninterrupted one (timings aside).
+  scalars = lambda w: {tag: v for tag, v in read_tensorboard_scalars(
+      os.path.join(w, "tensorboard")).items() if not tag.endswith("seconds_per_step")}
+  assert scalars(full) == scalars(cut) and scalars(full), why
 
 
 # --- damaged checkpoints ----------------------------------------------------------------
@@ -149,6 +153,34 @@ def test_metrics_log_skips_a_line_cut_short_by_a_crash(tmp_path):
   assert [r["step"] for r in log.read()] == [1]
   log.truncate_after(1)
   assert open(tmp_path / "m.jsonl").read() == '{"step": 1, "loss": 0.5}\n'
+
+
+def test_metrics_log_mirrors_its_records_as_tensorboard_scalars_and_purges_on_resume(
+    tmp_path):
+  first = MetricsLog(str(tmp_path / "metrics.jsonl"))
+  for step in (1, 2, 3):
+    first.write(step, split="train", loss=1.0 / step, accuracy=0.1 * step, note="text")
+  first.write(2, split="eval", accuracy=0.7)
+  first.close()  # A crash after step 3, with the checkpoint of step 2.
+  second = MetricsLog(str(tmp_path / "metrics.jsonl"))
+  second.truncate_after(2)
+  second.write(3, split="train", loss=0.25, accuracy=0.9, note="text")
+  second.close()
+  # What TensorBoard shows: the resumed step 3 replaces the lost one; text is left out.
+  assert read_tensorboard_scalars(second.tensorboard_dir) == {
+      "train/loss": {1: 1.0, 2: 0.5, 3: 0.25},
+      "train/accuracy": pytest.approx({1: 0.1, 2: 0.2, 3: 0.9}),
+      "eval/accuracy": pytest.approx({2: 0.7})}
+  assert len(os.listdir(second.tensorboard_dir)) == 2
+  # A file cut short mid-record keeps its complete events (one per scalar: the last one
+  # written, step 3's accuracy, is lost).
+  path = os.path.join(second.tensorboard_dir, sorted(os.listdir(second.tensorboard_dir))[1])
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) - 3)
+  cut = read_tensorboard_scalars(second.tensorboard_dir)
+  assert cut["train/loss"] == {1: 1.0, 2: 0.5, 3: 0.25}
+  assert cut["train/accuracy"] == pytest.approx({1: 0.1, 2: 0.2})
+  assert not MetricsLog(str(tmp_path / "x.jsonl"), tensorboard=False).tensorboard_dir
 
 
 # --- a workdir of another run -------------------------------------------------------------

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,3 +73,29 @@ def test_linear_probe_trains_only_the_head():
     if k != "head":
       jax.tree.map(np.testing.assert_array_equal, clf.params[k], out.params[k])
   assert train.evaluate(out.apply, out.params, out.batch_stats, data)["accuracy"] > 0.8
+
+
+def test_adapt_batch_norm_makes_running_statistics_those_of_the_images():
+  # The definition: with the adapted statistics, the inference pass on the images is the
+  # training-mode pass that normalises them as one batch.
+  clf = build_classifier(MODEL, 4, 1, seed=0)
+  images = _data(n=24).images * 3.0 + 1.0  # Far from the statistics the model holds.
+  adapted = finetune.adapt_batch_norm(clf, images)
+  batch_logits = clf.train_apply(clf.params, clf.batch_stats, jnp.asarray(images))[0]
+  np.testing.assert_allclose(adapted.apply(adapted.params, adapted.batch_stats, images),
+                             batch_logits, rtol=1e-4, atol=1e-4)
+  assert not np.allclose(clf.apply(clf.params, clf.batch_stats, images), batch_logits,
+                         atol=1e-2)
+  jax.tree.map(np.testing.assert_array_equal, clf.params, adapted.params)
+  # The statistics the model held before play no part.
+  shifted = jax.tree.map(lambda a: a * 7.0 + 2.0, clf.batch_stats)
+  other = finetune.adapt_batch_norm(dataclasses.replace(clf, batch_stats=shifted), images)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               adapted.batch_stats, other.batch_stats)
+
+
+def test_adapt_batch_norm_leaves_a_model_without_batch_norm_unchanged():
+  vit = build_classifier(dict(arch="vit", patch=4, dim=8, depth=1, heads=2, mlp_dim=16,
+                              activation="leaky_relu", leaky_slope=0.1, image_size=8),
+                         3, 1, seed=0)
+  assert finetune.adapt_batch_norm(vit, np.zeros((2, 8, 8, 1), np.float32)) is vit

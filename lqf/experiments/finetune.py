@@ -185,6 +185,7 @@ def _run_lqf(clf: Classifier, data: pipeline.ImageSplit, cfg: Mapping[str, Any],
     bar.close()
     mgr.wait_until_finished()
     mgr.close()
+    log.close()
   delta = parallel.to_host(delta)
   if total < int(c["steps"]):
     return None

@@ -223,6 +223,7 @@ def fit(clf: Classifier, train: pipeline.ImageSplit, t: Mapping[str, Any], *,
     if mgr is not None:
       mgr.wait_until_finished()
       mgr.close()
+      log.close()
   if mesh is not None:
     return parallel.to_host((state["params"], state["batch_stats"]))
   return state["params"], state["batch_stats"]

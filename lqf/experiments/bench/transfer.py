@@ -1,8 +1,11 @@
 """`python -m lqf bench transfer|accuracy|cost`.
 
-`transfer`: the built-in digits transfer task (digits_transfer). Each arm's
-learning rate is chosen once on the validation split (subset seed 0), then every arm
-runs on the same few-shot subsets, one per seed, and is scored on the test split.
+`transfer`: a transfer task (digits_transfer by default, or fashion_transfer). Each
+arm's learning rate is chosen on the validation split, once with the subset of seed 0 or,
+with `bench.tune_per_seed`, for every seed's subset; every arm runs on the same few-shot
+subsets, one per seed, and is scored on the test split. With `bench.adapt_batch_norm`, every arm
+that starts from the pretrained model starts from it with AdaBN statistics of its subset
+(`finetune.adapt_batch_norm`), and the arm `source_adabn` is that model alone.
 """
 
 from __future__ import annotations
@@ -42,8 +45,11 @@ def make_arms(cfg, names: Sequence[str], quick: bool) -> dict[str, Arm]:
   pre_cfg, pretrained = ensure_pretrained(cfg["pretrained"], quick)
   model_cfg, channels = pre_cfg["model"], cfg["data"]["channels"]
 
+  adapt_bn = bool(cfg.bench.get("adapt_batch_norm", False))
+
   def new_head(data, seed, base=pretrained, model=model_cfg):
-    return finetune.with_new_head(base, model, data.num_classes, channels, seed)
+    clf = finetune.with_new_head(base, model, data.num_classes, channels, seed)
+    return finetune.adapt_batch_norm(clf, data.images) if adapt_bn else clf
 
   def ft(data, seed, lr):
     t = dict(cfg["finetune"], lr=lr)
@@ -74,7 +80,10 @@ def make_arms(cfg, names: Sequence[str], quick: bool) -> dict[str, Arm]:
       return finetune.lqf(new_head(data, seed, base, model), data, c, seed=seed)[0]
     return arm
 
-  arms = {"finetune": ft, "probe": probe, "scratch": scratch,
+  def source_adabn(data, seed, lr):
+    return _predictor(finetune.adapt_batch_norm(pretrained, data.images))
+
+  arms = {"finetune": ft, "probe": probe, "scratch": scratch, "source_adabn": source_adabn,
           "lqf": lqf_arm(), "lqf_relu": lqf_arm(relu=True), "lqf_ce": lqf_arm(loss="ce"),
           "lqf_sgd": lqf_arm(optimizer="sgd", adaptive=False)}
   return {n: arms[n] for n in names}
@@ -103,27 +112,45 @@ def run_arms(*, arm_names: Sequence[str], shots: Sequence[int], seeds: int, quic
   val = pipeline.load_split(d, cfg.val_split, corrupted=True)
   test = pipeline.load_split(d, d.eval_split, corrupted=True)
   result: dict[str, Any] = {"arms": {}, "tuning": {}, "timing_s": {}}
+  per_seed = bool(cfg.bench.get("tune_per_seed", False))
+
+  def tune(fn, name, data, seed):
+    """The grid's learning rate with the best validation accuracy (ties to the lower
+    rate), the grid's accuracies, and the chosen run's predictor."""
+    grid, predictors = {}, {}
+    for lr in cfg.bench.lr_grid[name]:
+      try:
+        predictors[lr] = fn(data, seed, lr)
+        grid[lr] = train.accuracy(predictors[lr], val)
+      except NonFiniteLossError:
+        grid[lr] = 0.0  # Diverged: never chosen.
+      jax.clear_caches()
+    best = max(grid, key=lambda v: (grid[v], -v))
+    return best, {str(v): a for v, a in grid.items()}, predictors.get(best)
+
   for k in shots:
     suffix = f"@{k}shot" if k > 0 else "@full"
-    tune_data = pipeline.load_split(d, d.train_split, corrupted=True, shots=k, subset_seed=0)
+    subset = lambda seed: pipeline.load_split(d, d.train_split, corrupted=True, shots=k,
+                                             subset_seed=seed)
     for name, fn in arms.items():
       t0 = time.perf_counter()
-      lr = None
-      if name in cfg.bench.lr_grid:
-        grid = {}
-        for lr in cfg.bench.lr_grid[name]:
-          try:
-            grid[lr] = train.accuracy(fn(tune_data, 0, lr), val)
-          except NonFiniteLossError:
-            grid[lr] = 0.0  # Diverged: never chosen.
-        lr = max(grid, key=lambda v: (grid[v], -v))
-        result["tuning"][name + suffix] = {"val_accuracy": {str(v): a for v, a in grid.items()},
-                                           "lr": lr}
+      lr, tuned, chosen = None, name in cfg.bench.lr_grid, None
+      if tuned and not per_seed:
+        lr, grid, chosen = tune(fn, name, subset(0), 0)
+        result["tuning"][name + suffix] = {"val_accuracy": grid, "lr": lr}
       accs = []
       for seed in range(seeds):
-        data = pipeline.load_split(d, d.train_split, corrupted=True, shots=k, subset_seed=seed)
-        accs.append(train.accuracy(fn(data, seed, lr), test))
-        print(f"{name}{suffix} seed {seed}: {accs[-1]:.4f}", file=sys.stderr)
+        data = subset(seed)
+        if tuned and per_seed:
+          lr, grid, chosen = tune(fn, name, data, seed)
+          result["tuning"].setdefault(name + suffix, {"val_accuracy": [], "lr": []})
+          result["tuning"][name + suffix]["val_accuracy"].append(grid)
+          result["tuning"][name + suffix]["lr"].append(lr)
+        # The tuning run on this seed's subset is the run at the chosen rate: reused.
+        predict = chosen if chosen is not None and (per_seed or seed == 0) else None
+        accs.append(train.accuracy(predict or fn(data, seed, lr), test))
+        print(f"{name}{suffix} seed {seed}: {accs[-1]:.4f}" +
+              (f" (lr {lr})" if tuned else ""), file=sys.stderr)
         # Every run compiles new closures; without this a long benchmark accumulates
         # executables until LLVM cannot map more memory (seen: a segfault after ~1 h).
         jax.clear_caches()
@@ -140,8 +167,11 @@ def transfer(*, seeds: int = 5, quick: bool = False, overrides: Sequence[str] = 
              config: str = TRANSFER_CONFIG, shots: Sequence[int] | None = None
              ) -> dict[str, Any]:
   """Issue 2's benchmark: fine-tuning, probe, scratch and no adaptation at `shots` a
-  class (default 5) on the transfer task of `config`."""
-  result, cfg, test = run_arms(arm_names=("finetune", "probe", "scratch"),
+  class (default 5) on the transfer task of `config`; with its `bench.adapt_batch_norm`, also
+  the source model under its subset's AdaBN statistics (`source_adabn`)."""
+  adapt = config_lib.load(config, tuple(overrides)).bench.get("adapt_batch_norm", False)
+  names = ("finetune", "probe", "scratch") + (("source_adabn",) if adapt else ())
+  result, cfg, test = run_arms(arm_names=names,
                                shots=tuple(shots or (5,)), seeds=seeds, quick=quick,
                                config_path=config, overrides=overrides)
   pretrained = ensure_pretrained(cfg["pretrained"], quick)[1]

@@ -40,5 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.bench = dict(
       lr_grid=dict(finetune=(0.0003, 0.001, 0.003, 0.01), scratch=(0.03, 0.1, 0.3, 1.0),
                    probe=(0.001, 0.003, 0.01, 0.03), lqf_sgd=(1e-4, 3e-4, 1e-3)),
-      relu=config_lib.pretrained_config("runs/digits_pretrain_relu", "digits_pretrain:relu"))
+      relu=config_lib.pretrained_config("runs/digits_pretrain_relu", "digits_pretrain:relu"),
+      # AdaBN statistics of each subset for the arms that start from the pretrained
+      # model, and a learning rate chosen for every seed's subset (not only seed 0's).
+      adapt_batch_norm=False, tune_per_seed=False)
   return c
