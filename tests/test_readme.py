@@ -250,8 +250,8 @@ def _run(command: str, cwd: pathlib.Path, pretrained: str):
     " ".join(c.split()[:4 if c.startswith("python") else 2]) for c in b)[:80])
 def test_every_readme_command_runs(block, tmp_path, pretrained):
   if any("import-weights" in c for c in block):
-    from test_weights import stand_in  # pylint: disable=g-import-not-at-top
     from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    from test_weights import stand_in  # pylint: disable=g-import-not-at-top
     save_file(stand_in(50, 4), str(tmp_path / "resnet50.safetensors"))
   for command in block:
     package, argv, proc = _run(command, tmp_path, pretrained)
