@@ -56,9 +56,9 @@ def adapt_batch_norm(clf: Classifier, images: np.ndarray | jax.Array) -> Classif
   if not jax.tree.leaves(clf.batch_stats):
     return clf
   x = jnp.asarray(images, jnp.float32)
-  update = jax.jit(lambda params, stats, x: clf.train_apply(params, stats, x)[1])
-  from_zero = update(clf.params, jax.tree.map(jnp.zeros_like, clf.batch_stats), x)
-  from_one = update(clf.params, jax.tree.map(jnp.ones_like, clf.batch_stats), x)
+  update = jax.jit(clf.train_apply)
+  from_zero = update(clf.params, jax.tree.map(jnp.zeros_like, clf.batch_stats), x)[1]
+  from_one = update(clf.params, jax.tree.map(jnp.ones_like, clf.batch_stats), x)[1]
   stats = jax.tree.map(lambda z, o: z / (1.0 - jnp.mean(o - z)), from_zero, from_one)
   return dataclasses.replace(clf, batch_stats=stats)
 

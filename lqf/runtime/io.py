@@ -158,7 +158,8 @@ def read_tensorboard_scalars(directory: str) -> dict[str, dict[int, float]]:
         break
       event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
       pos = end
-      if event.HasField("session_log") and event.session_log.status == 1:  # START
+      if event.HasField("session_log") and \
+          event.session_log.status == event_pb2.SessionLog.START:
         for steps in out.values():
           for s in [s for s in steps if s >= event.step]:
             del steps[s]
