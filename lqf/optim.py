@@ -31,6 +31,7 @@ PyTree = Any
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 Objective = Callable[[PyTree, LinState, tuple[jax.Array, jax.Array]], jax.Array]
 OPTIMIZERS = ("kfac", "sgd", "adam")
+_NEVER = 2**31 - 1  # The largest int32: kfac-jax counts steps in int32.
 
 
 def batches(feats: jax.Array, labels: jax.Array, batch_size: int, seed: int,
@@ -61,7 +62,10 @@ def make_kfac(objective: Objective, o: Mapping[str, Any]) -> kfac_jax.Optimizer:
     return objective(delta, state, batch), state
 
   once = o["curvature"] == "once"
-  period = int(o["steps"]) + 1 if once else int(o["inverse_every"])
+  # "once": the burn-in's factors and their inverses are kept for good (kfac-jax updates
+  # them at steps divisible by the period, so at step 0 only). A period that does not
+  # depend on `steps` gives runs of every length the same program, compiled once.
+  period = _NEVER if once else int(o["inverse_every"])
   adaptive = bool(o["adaptive"])
   return kfac_jax.Optimizer(
       value_and_grad_func=jax.value_and_grad(with_state, has_aux=True),

@@ -55,7 +55,7 @@ if os.path.basename(os.getcwd()) == "notebooks":  # Work from the repository roo
 
 # %%
 def backbone(spec):
-  quick = (["train.steps=15", "train.checkpoint_every=15", "model.width=4",
+  quick = (["train.steps=15", "train.checkpoint_every=15", "model.width=4", "model.depth=8",
             "data.image_size=8"] if QUICK else [])
   return pretrained_run(spec, suffix="_notebook_quick" if QUICK else "", overrides=quick,
                         progress=False)

@@ -55,7 +55,8 @@ if os.path.basename(os.getcwd()) == "notebooks":  # Work from the repository roo
 # %%
 # Quick mode (the tests): 8×8 images and a width-8 model, so that it runs in seconds.
 cfg = config_lib.load("digits_transfer", ["data.image_size=8"] if QUICK else [])
-quick = (["train.steps=40", "train.checkpoint_every=40", "model.width=8", "data.image_size=8"]
+quick = (["train.steps=40", "train.checkpoint_every=40", "model.width=8", "model.depth=8",
+         "data.image_size=8"]
          if QUICK else [])
 workdir = pretrained_run(cfg.pretrained, suffix="_convexity_quick" if QUICK else "",
                          overrides=quick, progress=False)

@@ -41,6 +41,14 @@ def assert_one_line_error(proc, match):
   assert len(lines) == 1 and match in lines[0], proc.stderr
 
 
+# The session's `pretrained` run (conftest.py): a 12-step, 4-channel ResNet-8 on 8×8
+# digits, 35% accurate. At 4 steps it was at chance, which left PC's fitted logit scale
+# negative (a refused old model) and K-FAC steps on its head ill-conditioned.
+TINY_PRETRAIN = ("model.width=4", "model.depth=8", "data.image_size=8", "train.steps=12",
+                 "train.batch_size=32", "train.checkpoint_every=12", "train.eval_every=12",
+                 "train.log_every=12")
+
+
 def tiny_finetune_config(pretrained, scope, *extra):
   """`digits_finetune` on 2 shots of 8×8 images from the run in `pretrained`, every arm a
   few steps long."""

@@ -47,6 +47,7 @@ def tiny_config():
   from lqf.experiments.configs import digits_pretrain as mod
   cfg = mod.get_config()
   cfg.model.width = 4
+  cfg.model.depth = 8
   cfg.data.image_size = 8
   cfg.train.update(dict(steps=6, batch_size=32, warmup_steps=1, checkpoint_every=2,
                         eval_every=3, log_every=1))
@@ -55,13 +56,12 @@ def tiny_config():
 
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory):
-  """A finished (4-step, 4-channel) digits pretraining run: the workdir."""
+  """A finished digits pretraining run of `cli_helpers.TINY_PRETRAIN`: the workdir."""
   from lqf.experiments import pretrain
   from lqf.runtime import config as config_lib
   workdir = str(tmp_path_factory.mktemp("pre"))
-  cfg = config_lib.load("digits_pretrain", [
-      "model.width=4", "data.image_size=8", "train.steps=4", "train.batch_size=32",
-      "train.checkpoint_every=4", "train.eval_every=4", "train.log_every=4"])
+  from cli_helpers import TINY_PRETRAIN
+  cfg = config_lib.load("digits_pretrain", list(TINY_PRETRAIN))
   pretrain.pretrain(cfg, workdir, progress=False)
   return workdir
 

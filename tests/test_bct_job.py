@@ -36,7 +36,7 @@ def narrow(tmp_path_factory):
   the `pretrained` run's 16)."""
   workdir = str(tmp_path_factory.mktemp("narrow"))
   cfg = config_lib.load("digits_pretrain", [
-      "model.width=2", "data.image_size=8", "train.steps=2", "train.batch_size=32",
+      "model.width=2", "model.depth=8", "data.image_size=8", "train.steps=2", "train.batch_size=32",
       "train.checkpoint_every=2", "train.eval_every=2", "train.log_every=2"])
   pretrain.pretrain(cfg, workdir, progress=False)
   return workdir

@@ -100,7 +100,7 @@ def test_influence_gradient_reaches_only_the_new_embedding():
 
 def test_cosine_head_in_a_resnet():
   from flax import nnx
-  model = resnet.build_resnet(dict(arch="cifar", depth=20, width=4, num_classes=3,
+  model = resnet.build_resnet(dict(arch="cifar", depth=8, width=4, num_classes=3,
                                    activation="leaky_relu", leaky_slope=0.1, in_channels=1,
                                    head="cosine", head_scale=8.0), rngs=nnx.Rngs(0))
   apply, params, stats = resnet.split_apply(model, output="both")

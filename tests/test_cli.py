@@ -5,7 +5,8 @@ from cli_helpers import assert_one_line_error, run_cli, run_process
 import pytest
 
 CONFIG = "digits_pretrain"
-TINY = ["--config.model.width=4", "--config.data.image_size=8", "--config.train.steps=2",
+TINY = ["--config.model.width=4", "--config.model.depth=8", "--config.data.image_size=8",
+        "--config.train.steps=2",
         "--config.train.batch_size=16", "--config.train.checkpoint_every=1"]
 
 

@@ -4,6 +4,7 @@
 import ast
 import os
 
+from cli_helpers import TINY_PRETRAIN
 import pytest
 
 from lqf.errors import UserError
@@ -111,6 +112,21 @@ def test_pretrained_run_without_a_config_says_how_to_import(tmp_path):
   with pytest.raises(UserError, match="holds no finished pretraining run.*import-weights"):
     common.pretrained_run({"workdir": str(tmp_path / "none"), "config": ""})
   assert not os.path.exists(tmp_path / "none")
+
+
+def test_a_finished_run_is_reused_only_when_its_config_is_the_one_asked_for(pretrained):
+  spec = {"workdir": pretrained, "config": "digits_pretrain"}
+  record = open(os.path.join(pretrained, "config.json")).read()
+  assert common.pretrained_run(spec, overrides=TINY_PRETRAIN) == pretrained
+  # Logging and saving may differ; a model of other settings (a stale quick run) may not.
+  assert common.pretrained_run(spec, overrides=(*TINY_PRETRAIN, "train.log_every=1")) == \
+      pretrained
+  with pytest.raises(UserError, match=r"different architecture \(model.depth differ\): "
+                     "delete .* to pretrain it again"):
+    common.pretrained_run(spec, overrides=(*TINY_PRETRAIN, "model.depth=20"))
+  with pytest.raises(UserError, match=r"different config \(train.steps differ\): delete"):
+    common.pretrained_run(spec, overrides=(*TINY_PRETRAIN, "train.steps=5"))
+  assert open(os.path.join(pretrained, "config.json")).read() == record
 
 
 def test_backbone_overrides_point_every_block_at_its_run(monkeypatch):

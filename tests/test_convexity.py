@@ -9,7 +9,7 @@ import pytest
 from lqf import convexity, linearize, objective, solve
 from lqf.models.classifier import build_classifier
 
-MODEL = dict(arch="cifar", depth=20, width=2, activation="leaky_relu", leaky_slope=0.1)
+MODEL = dict(arch="cifar", depth=8, width=2, activation="leaky_relu", leaky_slope=0.1)
 
 
 @pytest.fixture(scope="module")

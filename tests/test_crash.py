@@ -24,7 +24,7 @@ from lqf.runtime import faults
 from lqf.runtime.io import MetricsLog, read_tensorboard_scalars
 
 STEPS = 6
-PRETRAIN = ["--config.model.width=4", "--config.data.image_size=8",
+PRETRAIN = ["--config.model.width=4", "--config.model.depth=8", "--config.data.image_size=8",
             f"--config.train.steps={STEPS}", "--config.train.batch_size=32",
             "--config.train.checkpoint_every=2", "--config.train.eval_every=3",
             "--config.train.log_every=1"]

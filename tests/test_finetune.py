@@ -11,7 +11,7 @@ from lqf.data import pipeline
 from lqf.models.classifier import build_classifier
 from lqf.runtime import train
 
-MODEL = dict(arch="cifar", depth=20, width=4, activation="leaky_relu", leaky_slope=0.1)
+MODEL = dict(arch="cifar", depth=8, width=4, activation="leaky_relu", leaky_slope=0.1)
 
 
 def _data(n=40, classes=4, size=8, seed=0):

@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ("graceful-lqf", "graceful-pc", "graceful-bct")
 CONFIGS = ("lqf/experiments/configs/digits_pretrain.py", "pc/experiments/configs/digits_pc.py",
            "bct/experiments/configs/digits_bct.py")
-TINY = ["--config.model.width=4", "--config.data.image_size=8", "--config.train.steps=2",
+TINY = ["--config.model.width=4", "--config.model.depth=8", "--config.data.image_size=8",
+        "--config.train.steps=2",
         "--config.train.batch_size=16", "--config.train.checkpoint_every=2",
         "--config.train.eval_every=2", "--config.train.log_every=1"]
 

@@ -12,7 +12,7 @@ import pytest
 from lqf import linearize, objective, optim
 from lqf.models.classifier import build_classifier
 
-MODEL = dict(arch="cifar", depth=20, width=2, activation="leaky_relu", leaky_slope=0.1)
+MODEL = dict(arch="cifar", depth=8, width=2, activation="leaky_relu", leaky_slope=0.1)
 N, C, SIZE = 8, 3, 6
 
 

@@ -42,8 +42,9 @@ def _latest_state(workdir, sub="checkpoints"):
 
 def _assert_close(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL,
+                               err_msg=jax.tree_util.keystr(path))
 
 
 def _assert_results_close(a, b):
@@ -91,7 +92,8 @@ def test_shard_batch_splits_rows_and_replicate_copies():
 
 
 def _pretrain(workdir, *extra):
-  cfg = _load("digits_pretrain", "model.width=4", "data.image_size=8", "train.steps=4",
+  cfg = _load("digits_pretrain", "model.width=4", "model.depth=8", "data.image_size=8",
+              "train.steps=4",
               "train.batch_size=32", "train.checkpoint_every=2", "train.eval_every=4",
               "train.log_every=1", *extra)
   return pretrain.pretrain(cfg, workdir, progress=False)
@@ -212,7 +214,7 @@ def test_pretraining_on_8_then_2_then_1_devices_equals_one_device(one_device, tm
   for step in (4, 3, 2):
     shutil.rmtree(os.path.join(cut, "checkpoints", str(step)))
   cfg_cut = ["parallel.devices=2", "train.checkpoint_every=1"]
-  pretrain.pretrain(_load("digits_pretrain", "model.width=4", "data.image_size=8",
+  pretrain.pretrain(_load("digits_pretrain", "model.width=4", "model.depth=8", "data.image_size=8",
                        "train.steps=4", "train.batch_size=32", "train.eval_every=4",
                        "train.log_every=1", *cfg_cut), cut, stop_at_step=3, progress=False)
   assert sorted(int(s) for s in os.listdir(os.path.join(cut, "checkpoints"))) == [1, 2, 3]
@@ -232,9 +234,13 @@ def _free_port():
 
 def test_two_processes_of_4_devices_train_like_one_process(one_device, tmp_path):
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  # Four devices each; conftest's other XLA flags (its cheap compiles) are kept.
+  env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace(
+      "--xla_force_host_platform_device_count=8", "--xla_force_host_platform_device_count=4"))
+  assert "device_count=4" in env["XLA_FLAGS"]
   base = [sys.executable, "-m", "lqf", "pretrain", "--config", "digits_pretrain",
           "--workdir", str(tmp_path / "two"), "--no_progress", "--config.model.width=4",
+          "--config.model.depth=8",
           "--config.data.image_size=8", "--config.train.steps=4",
           "--config.train.batch_size=32", "--config.train.checkpoint_every=2",
           "--config.train.eval_every=4", "--config.train.log_every=1",

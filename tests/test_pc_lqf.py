@@ -152,7 +152,7 @@ def test_rho_outside_the_unit_interval_is_refused(tiny):
 
 
 def test_kfac_sees_kronecker_blocks_with_the_pc_term():
-  clf = build_classifier(dict(arch="cifar", depth=20, width=4, activation="leaky_relu",
+  clf = build_classifier(dict(arch="cifar", depth=8, width=4, activation="leaky_relu",
                                     leaky_slope=0.1), C, 1, seed=0)
   lin = linearize.linearize(clf.split_at, clf.params, clf.batch_stats, "all",
                             select=clf.linearizable)

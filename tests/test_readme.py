@@ -110,7 +110,7 @@ def test_every_readme_command_is_accepted_by_the_code(command):
 # the command a user types, shrunk through its own flags and overrides. Optional parts
 # written `[...]` are left out. `{pretrained}` is a finished tiny pretraining run.
 
-_TINY_PRETRAIN = ["--config.model.width=4", "--config.data.image_size=8",
+_TINY_PRETRAIN = ["--config.model.width=4", "--config.model.depth=8", "--config.data.image_size=8",
                   "--config.train.steps=2", "--config.train.batch_size=32",
                   "--config.train.checkpoint_every=2", "--config.train.eval_every=2",
                   "--config.train.log_every=2", "--no_progress"]

@@ -13,7 +13,8 @@ from lqf.experiments import cli
 from lqf.models.classifier import build_classifier
 from lqf.runtime import checkpoint, train
 
-TINY = ["--config.model.width=4", "--config.data.image_size=8", "--config.train.steps=4",
+TINY = ["--config.model.width=4", "--config.model.depth=8", "--config.data.image_size=8",
+        "--config.train.steps=4",
         "--config.train.batch_size=32", "--config.train.checkpoint_every=1",
         "--config.train.eval_every=4", "--config.train.log_every=1"]
 
@@ -81,7 +82,7 @@ def test_a_diverging_run_stops_at_its_step_and_keeps_the_last_good_checkpoint(ca
   saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints"))
   assert saved == list(range(1, bad_step))  # Every step before the bad one, nothing after.
   if saved:  # The kept checkpoint restores, and is finite (restore_latest checks).
-    clf = build_classifier({"arch": "cifar", "depth": 20, "width": 4,
+    clf = build_classifier({"arch": "cifar", "depth": 8, "width": 4,
                                   "activation": "leaky_relu", "leaky_slope": 0.1}, 10, 1, 0)
     mgr = checkpoint.manager(str(workdir / "checkpoints"))
     from lqf.runtime import config as config_lib  # pylint: disable=g-import-not-at-top

@@ -324,7 +324,7 @@ def test_build_resnet_from_mapping():
 
 @pytest.mark.parametrize("overrides,needles", [
     ({"arch": "vgg"}, ("'vgg'", "cifar", "imagenet")),
-    ({"depth": 18}, ("18", "20", "32", "56")),
+    ({"depth": 18}, ("18", "8", "20", "32", "56")),
     ({"arch": "imagenet", "depth": 20}, ("20", "18", "34", "50")),
     ({"width": 0}, ("width", "got 0")),
     ({"num_classes": -3}, ("num_classes", "-3")),

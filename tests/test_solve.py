@@ -143,7 +143,7 @@ def test_kfac_preconditioner_cuts_cg_iterations_on_an_ill_conditioned_problem(x6
 
 
 def test_mse_problem_is_lqf_objective_and_solvers_agree_on_a_resnet(x64):
-  clf = build_classifier(dict(arch="cifar", depth=20, width=2, activation="leaky_relu",
+  clf = build_classifier(dict(arch="cifar", depth=8, width=2, activation="leaky_relu",
                                     leaky_slope=0.1), 3, 1, seed=0)
   f64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)
   x = jnp.asarray(np.random.default_rng(7).normal(size=(10, 6, 6, 1)))

@@ -39,7 +39,7 @@ def _train_job(args: argparse.Namespace, overrides: list[str]) -> None:
           f"{result['seconds']:.1f} s (converged: {result['converged']})")
 
 
-DEMO_QUICK_PRETRAIN = ("model.width=4", "data.image_size=8", "train.steps=20",
+DEMO_QUICK_PRETRAIN = ("model.width=4", "model.depth=8", "data.image_size=8", "train.steps=20",
                        "train.checkpoint_every=10", "train.eval_every=10")
 DEMO_QUICK_FINETUNE = ("data.image_size=8", "lqf.steps=3", "lqf.scope=last_stage", "finetune.steps=10",
                        "probe.steps=20")

@@ -29,6 +29,22 @@ def check_config(cfg: Mapping[str, Any]) -> None:
   config_lib.check_train(cfg["train"])
 
 
+# What a resumed (or reused) pretraining run may change: how often it logs and saves, and
+# the devices it runs on.
+MAY_CHANGE = ("train.checkpoint_every", "train.eval_every", "train.log_every", "parallel")
+
+
+def check_same_run(cfg: Mapping[str, Any], workdir: str, fix: str | None = None) -> None:
+  """Checks that `workdir` holds a pretraining run of `cfg` (see `MAY_CHANGE`); `fix` is
+  the advice the error ends with (see `checkpoint.check_same_run`).
+
+  Raises:
+    UserError: it holds another command's run or another config's.
+  """
+  checkpoint.check_same_run(workdir, config_lib.to_dict(cfg), command="pretrain",
+                            may_change=MAY_CHANGE, fix=fix)
+
+
 def pretrain(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None,
              progress: bool = True) -> dict[str, Any]:
   """The pretraining job: trains on the source task, evaluates, writes the result.
@@ -44,8 +60,7 @@ def pretrain(cfg: Mapping[str, Any], workdir: str, *, stop_at_step: int | None =
   evaluation = pipeline.load_split(d, d["eval_split"], corrupted=d["corrupt_eval"])
   clf = build_classifier(cfg["model"], train.num_classes, d["channels"], cfg["seed"])
   checkpoint.claim_workdir(workdir, config_lib.to_dict(cfg), command="pretrain",
-                           may_change=("train.checkpoint_every", "train.eval_every",
-                                       "train.log_every", "parallel"))
+                           may_change=MAY_CHANGE)
   params, batch_stats = fit(clf, train, cfg["train"], seed=cfg["seed"], augment=d["augment"],
                             evaluation=evaluation, workdir=workdir, stop_at_step=stop_at_step,
                             progress=progress, mesh=mesh)

@@ -2,7 +2,8 @@
 
 Two families share one `ResNet` class:
 
-* `arch="cifar"`: He et al. (2016) section 4.2, depth 6n+2 (20, 32, 56), BasicBlocks
+* `arch="cifar"`: He et al. (2016) section 4.2, depth 6n+2 (8, 20, 32, 56; 8 is
+  for tests and smoke runs), BasicBlocks
   in three stages of widths (w, 2w, 4w), a 3x3 stride-1 stem and no max pool.
 * `arch="imagenet"`: torchvision's ResNet-18/34/50 (v1.5: a Bottleneck strides on its
   3x3 conv), four stages of widths (w, 2w, 4w, 8w). Layer shapes, padding, bias-free
@@ -32,7 +33,7 @@ ApplyTrainFn = Callable[[Params, BatchStats, jax.Array], tuple[jax.Array, BatchS
 ARCHS = ("cifar", "imagenet")
 HEADS = ("linear", "cosine")
 ACTIVATIONS = ("relu", "leaky_relu")
-CIFAR_BLOCKS = {20: 3, 32: 5, 56: 9}  # Blocks per stage: depth = 6n + 2.
+CIFAR_BLOCKS = {8: 1, 20: 3, 32: 5, 56: 9}  # Blocks per stage: depth = 6n + 2.
 IMAGENET_LAYOUTS = {  # depth -> (block kind, blocks per stage), as in torchvision.
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),

@@ -125,24 +125,37 @@ def claim_workdir(workdir: str, cfg: dict[str, Any], *, command: str,
             file=sys.stderr)
       _remove_run(workdir)
   if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    require(old.get("command") == command,
-            f"workdir {workdir!r} holds a {old.get('command')!r} run, not {command!r}: "
-            "use a new --workdir (or --overwrite to replace it)")
-    changed = config_lib.diff(old["config"], cfg, ignore=may_change)
-    arch = [k for k in changed if k.startswith("model.")]
-    require(not arch, f"workdir {workdir!r} holds a checkpoint of a different architecture "
-            f"({', '.join(arch)} differ): use a new --workdir (or --overwrite to replace it)")
-    require(not changed, f"workdir {workdir!r} holds a run of a different config "
-            f"({', '.join(changed)} differ): use a new --workdir or the same config (or "
-            "--overwrite to replace it)")
+    check_same_run(workdir, cfg, command=command, may_change=may_change)
   try:
     os.makedirs(workdir, exist_ok=True)
     atomic_write_json(path, record)
   except OSError as e:
     raise UserError(f"workdir {workdir!r} cannot be written ({e.strerror}): choose a "
                     "writable --workdir") from None
+
+
+def check_same_run(workdir: str, cfg: dict[str, Any], *, command: str,
+                   may_change: tuple[str, ...] = (), fix: str | None = None) -> None:
+  """Checks that the run recorded in `workdir` is `command` with `cfg` (apart from the
+  `may_change` keys). `fix` replaces the advice the errors end with (a new workdir, or
+  `--overwrite`), for callers that reuse a run rather than resume one.
+
+  Raises:
+    UserError: it is another command's run, or another config's (an architecture that
+      differs is named as such).
+  """
+  with open(os.path.join(workdir, CONFIG_FILE)) as f:
+    old = json.load(f)
+  again = fix or "use a new --workdir (or --overwrite to replace it)"
+  require(old.get("command") == command,
+          f"workdir {workdir!r} holds a {old.get('command')!r} run, not {command!r}: {again}")
+  changed = config_lib.diff(old["config"], cfg, ignore=may_change)
+  arch = [k for k in changed if k.startswith("model.")]
+  require(not arch, f"workdir {workdir!r} holds a checkpoint of a different architecture "
+          f"({', '.join(arch)} differ): {again}")
+  require(not changed, f"workdir {workdir!r} holds a run of a different config "
+          f"({', '.join(changed)} differ): " + (fix or "use a new --workdir or the same "
+                                                "config (or --overwrite to replace it)"))
 
 
 def read_run(workdir: str, hint: str = "") -> tuple[str | None, dict[str, Any]]:

@@ -14,7 +14,7 @@ import ml_collections
 
 from lqf.errors import UserError, require
 
-ARCH_DEPTHS = {"cifar": (20, 32, 56), "imagenet": (18, 34, 50)}
+ARCH_DEPTHS = {"cifar": (8, 20, 32, 56), "imagenet": (18, 34, 50)}
 ACTIVATIONS = ("relu", "leaky_relu")
 VIT_ARCHS = ("vit",)
 VIT_INT_KEYS = ("patch", "dim", "depth", "heads", "mlp_dim")

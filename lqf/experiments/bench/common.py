@@ -48,11 +48,12 @@ def meta(command: str, seeds: Sequence[int]) -> dict[str, Any]:
           "versions": versions, "python": sys.version.split()[0]}
 
 
-# Quick mode is a smoke test of the machinery: a 4-channel network on 8×8 images, whose
+# Quick mode is a smoke test of the machinery: a 4-channel ResNet-8 on 8×8 images, whose
 # programs compile in seconds. Every bench's own quick overrides carry QUICK_DATA so that
 # its task reads images of the size its quick source model saw.
 QUICK_DATA = ("data.image_size=8",)
 QUICK_PRETRAIN = ("train.steps=20", "train.checkpoint_every=10", "model.width=4",
+                  "model.depth=8",
                   *QUICK_DATA)
 
 
@@ -62,16 +63,20 @@ def pretrained_run(spec: Mapping[str, Any], *, suffix: str = "",
   `lqf.runtime.config.pretrained_config`) with `suffix` appended, after pretraining
   `spec["config"]` (with `overrides`) into it if it holds no finished pretraining run."""
   workdir = spec["workdir"] + suffix
+  cfg = config_lib.load(spec["config"], list(overrides)) if spec["config"] else None
   try:
     pretrain.load_pretrained(workdir)
-    return workdir
   except UserError:
-    require(bool(spec["config"]), f"{workdir!r} holds no finished pretraining run, and its "
+    require(cfg is not None, f"{workdir!r} holds no finished pretraining run, and its "
             "`pretrained.config` is empty (imported weights): run `python -m lqf "
             f"import-weights --workdir {workdir} ...` first")
+  else:
+    if cfg is not None:  # A run of other settings (an older quick model, say) is refused.
+      pretrain.check_same_run(cfg, workdir, fix=f"delete {workdir} to pretrain it again, "
+                              "or set that pretrained.workdir to another directory")
+    return workdir
   print(f"pretraining {spec['config']} into {workdir} ...", file=sys.stderr)
-  pretrain.pretrain(config_lib.load(spec["config"], list(overrides)), workdir,
-                    progress=progress)
+  pretrain.pretrain(cfg, workdir, progress=progress)
   return workdir
 
 
