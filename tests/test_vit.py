@@ -168,7 +168,9 @@ def test_check_model_validates_vit_configs():
     build_classifier(dict(MODEL, head="nope"), C, 1, 0)
 
 
-VIT_SMALL = ["model.dim=8", "model.mlp_dim=16", "model.image_size=8", "data.image_size=8",
+# One block: the job tests need a ViT end to end, not depth (the block tests above use two).
+VIT_SMALL = ["model.dim=8", "model.mlp_dim=16", "model.depth=1", "model.image_size=8",
+             "data.image_size=8",
              "train.steps=3", "train.batch_size=32", "train.checkpoint_every=3",
              "train.eval_every=3", "train.log_every=3"]
 
