@@ -13,6 +13,15 @@ def test_summary_is_mean_and_sample_std():
   assert common.summary([0.3])["std"] == 0.0
 
 
+def test_release_compiled_clears_the_caches_every_few_runs(monkeypatch):
+  calls = []
+  monkeypatch.setattr(common.jax, "clear_caches", lambda: calls.append(1))
+  release = common.ReleaseCompiled(every=3)
+  for _ in range(7):
+    release()
+  assert len(calls) == 2  # After the third and the sixth run.
+
+
 def _arm(mean):
   return {"accuracy": common.summary([mean, mean])}
 

@@ -106,3 +106,32 @@ def test_pretrained_for_restores_once_and_checks_channels(pretrained):
   _assert_trees_equal(a[1].params, b[1].params)
   with pytest.raises(UserError, match="pretrained on 1-channel images but data.channels is 3"):
     pretrain.pretrained_for(pretrained, 3)
+
+
+def test_evaluation_pads_the_last_batch_and_counts_only_real_images():
+  from lqf.data import pipeline  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  data = pipeline.ImageSplit(rng.normal(size=(10, 2, 2, 1)).astype(np.float32),
+                             rng.integers(0, 3, size=10).astype(np.int32), 3,
+                             np.zeros(1, np.float32))
+  batches = list(train.padded_batches(data, 4))
+  assert [b[0].shape for b in batches] == [(4, 2, 2, 1)] * 3
+  assert [len(b[1]) for b in batches] == [4, 4, 2]
+  np.testing.assert_array_equal(np.concatenate([b[0][:len(b[1])] for b in batches]),
+                                data.images)
+  assert not batches[-1][0][2:].any()
+  w = rng.normal(size=(4, 3)).astype(np.float32)
+  shapes = set()
+
+  def apply(params, batch_stats, x):
+    shapes.add(x.shape)
+    return x.reshape(len(x), -1) @ params
+
+  logits = data.images.reshape(10, -1) @ w  # Brute force, one batch.
+  z = logits - logits.max(-1, keepdims=True)
+  ce = np.log(np.exp(z).sum(-1)) - z[np.arange(10), data.labels]
+  result = train.evaluate(apply, w, {}, data, batch_size=4)
+  assert result["accuracy"] == np.mean(logits.argmax(-1) == data.labels)
+  assert result["loss"] == pytest.approx(ce.mean(), rel=1e-5) and result["count"] == 10
+  assert shapes == {(4, 2, 2, 1)}  # Traced once: the padded last batch has the same shape.
+  assert train.accuracy(lambda x: x.reshape(len(x), -1) @ w, data, 4) == result["accuracy"]

@@ -8,7 +8,7 @@ checkpoint at step s continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 import functools
 import os
 import sys
@@ -119,19 +119,36 @@ def evaluate(apply: Callable, params: PyTree, batch_stats: PyTree,
   """Accuracy and mean cross-entropy over a whole split, batch norm in eval mode."""
   apply_jit = _jit_apply(apply)
   correct, loss_sum = 0, 0.0
-  for images, labels in pipeline.eval_batches(data, batch_size):
+  for images, labels in padded_batches(data, batch_size):
     logits = apply_jit(params, batch_stats, images)
-    correct += int((np.asarray(logits).argmax(-1) == labels).sum())
-    loss_sum += float(cross_entropy(logits, labels)) * len(labels)
+    n = len(labels)
+    correct += int((np.asarray(logits)[:n].argmax(-1) == labels).sum())
+    losses = optax.softmax_cross_entropy_with_integer_labels(  # Padded: one shape.
+        logits, np.pad(labels, (0, len(images) - n)))
+    loss_sum += float(np.asarray(losses)[:n].sum())
   return {"accuracy": correct / len(data), "loss": loss_sum / len(data), "count": len(data)}
 
 
 def accuracy(predict: Callable[[np.ndarray], jax.Array], data: pipeline.ImageSplit,
              batch_size: int = 256) -> float:
   """Top-1 accuracy of `predict(images) -> logits` over a whole split."""
-  correct = sum(int((np.asarray(predict(images)).argmax(-1) == labels).sum())
-                for images, labels in pipeline.eval_batches(data, batch_size))
+  correct = sum(int((np.asarray(predict(images))[:len(labels)].argmax(-1) == labels).sum())
+                for images, labels in padded_batches(data, batch_size))
   return correct / len(data)
+
+
+def padded_batches(data: pipeline.ImageSplit, batch_size: int
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """`pipeline.eval_batches` with the last batch's images padded with zero images to the
+  others' size (its labels are not): one shape per split, so a jitted predictor compiles
+  once, not twice. The rows past `len(labels)` are padding."""
+  size = min(batch_size, len(data))
+  for images, labels in pipeline.eval_batches(data, size):
+    images = np.asarray(images)
+    if len(images) < size:
+      pad = np.zeros((size - len(images), *images.shape[1:]), images.dtype)
+      images = np.concatenate([images, pad])
+    yield images, labels
 
 
 @functools.lru_cache(maxsize=32)

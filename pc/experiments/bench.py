@@ -140,7 +140,7 @@ def run(*, json_path: str, seeds: int, quick: bool, overrides: Sequence[str] = (
     print(f"seed {seed} ({time.perf_counter() - t0:.0f} s): " + "; ".join(
         f"{a} ER {100 * v['ER_new']:.2f} NFR {100 * v['NFR']:.2f}" for a, v in r.items()),
         file=sys.stderr)
-    jax.clear_caches()  # Each seed compiles new closures; see lqf.bench.run_arms.
+    jax.clear_caches()  # Each seed compiles new closures; see bench.common.ReleaseCompiled.
   arm_names = list(per_seed[0]["rates"])
   arms = {a: _rates_summary([s["rates"][a] for s in per_seed]) for a in arm_names}
   rhos = [p["rho"] for p in per_seed[0]["curve"]]

@@ -105,6 +105,25 @@ def backbone_overrides(cfg: Mapping[str, Any], keys: Sequence[str], quick: bool
   return out
 
 
+class ReleaseCompiled:
+  """Called after each run of a benchmark; clears JAX's caches every `every` calls.
+
+  Every run compiles new closures, and a long benchmark that kept them all ran out of
+  memory LLVM could map (a segfault after about an hour). Clearing after every run made
+  each run trace, lower and compile again what the one before had, tiny eager ops
+  included (README's quick lqf benchmarks: 104 s with it, 65 s without), so the programs
+  of a few runs are kept.
+  """
+
+  def __init__(self, every: int = 16):
+    self.every, self._runs = every, 0
+
+  def __call__(self) -> None:
+    self._runs += 1
+    if self._runs % self.every == 0:
+      jax.clear_caches()
+
+
 def time_steps(fns: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
   """Seconds per call of each function, interleaved so that machine noise hits all alike."""
   for fn in fns.values():

@@ -113,6 +113,7 @@ def run_arms(*, arm_names: Sequence[str], shots: Sequence[int], seeds: int, quic
   test = pipeline.load_split(d, d.eval_split, corrupted=True)
   result: dict[str, Any] = {"arms": {}, "tuning": {}, "timing_s": {}}
   per_seed = bool(cfg.bench.get("tune_per_seed", False))
+  release = common.ReleaseCompiled()
 
   def tune(fn, name, data, seed):
     """The grid's learning rate with the best validation accuracy (ties to the lower
@@ -124,7 +125,7 @@ def run_arms(*, arm_names: Sequence[str], shots: Sequence[int], seeds: int, quic
         grid[lr] = train.accuracy(predictors[lr], val)
       except NonFiniteLossError:
         grid[lr] = 0.0  # Diverged: never chosen.
-      jax.clear_caches()
+      release()
     best = max(grid, key=lambda v: (grid[v], -v))
     return best, {str(v): a for v, a in grid.items()}, predictors.get(best)
 
@@ -151,9 +152,7 @@ def run_arms(*, arm_names: Sequence[str], shots: Sequence[int], seeds: int, quic
         accs.append(train.accuracy(predict or fn(data, seed, lr), test))
         print(f"{name}{suffix} seed {seed}: {accs[-1]:.4f}" +
               (f" (lr {lr})" if tuned else ""), file=sys.stderr)
-        # Every run compiles new closures; without this a long benchmark accumulates
-        # executables until LLVM cannot map more memory (seen: a segfault after ~1 h).
-        jax.clear_caches()
+        release()
       result["arms"][name + suffix] = {"accuracy": summary(accs)}
       result["timing_s"][name + suffix] = time.perf_counter() - t0
   result["design"] = {"target_train": d.train_split, "validation": cfg.val_split,
