@@ -110,12 +110,14 @@ def test_every_readme_command_is_accepted_by_the_code(command):
 # the command a user types, shrunk through its own flags and overrides. Optional parts
 # written `[...]` are left out. `{pretrained}` is a finished tiny pretraining run.
 
-_TINY_PRETRAIN = ["--config.model.width=4", "--config.model.depth=8", "--config.data.image_size=8",
-                  "--config.train.steps=2", "--config.train.batch_size=32",
+_TINY_PRETRAIN = ["--config.model.width=4", "--config.model.depth=8",
+                  "--config.data.image_size=8", "--config.train.steps=2",
+                  "--config.train.batch_size=32",
                   "--config.train.checkpoint_every=2", "--config.train.eval_every=2",
                   "--config.train.log_every=2", "--no_progress"]
 _TINY_FINETUNE = ["--config.pretrained.workdir=runs/pretrain", "--config.data.image_size=8",
-                  "--config.shots=2", "--config.lqf.scope=last_stage", "--config.lqf.steps=4", "--config.lqf.checkpoint_every=2",
+                  "--config.shots=2", "--config.lqf.scope=last_stage", "--config.lqf.steps=4",
+                  "--config.lqf.checkpoint_every=2",
                   "--config.finetune.steps=4", "--config.finetune.checkpoint_every=2",
                   "--config.probe.steps=20", "--no_progress"]
 _TINY_PC = ["--config.pretrained.workdir={pretrained}",
@@ -135,7 +137,8 @@ TINY = {("lqf", "pretrain"): _TINY_PRETRAIN, ("lqf", "finetune"): _TINY_FINETUNE
         ("lqf", "bench"): ["--quick", "--seeds", "1"], ("lqf", "import-weights"): [],
         ("pc", "train"): _TINY_PC, ("pc", "curve"): _TINY_PC,
         ("pc", "bench"): ["--quick", "--seeds", "1"],
-        ("bct", "train"): _TINY_BCT + ["--no_progress"], ("bct", "eval"): [], ("bct", "curve"): _TINY_BCT,
+        ("bct", "train"): _TINY_BCT + ["--no_progress"], ("bct", "eval"): [],
+        ("bct", "curve"): _TINY_BCT,
         ("bct", "bench"): ["--quick", "--seeds", "1"]}
 
 

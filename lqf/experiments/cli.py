@@ -39,10 +39,10 @@ def _train_job(args: argparse.Namespace, overrides: list[str]) -> None:
           f"{result['seconds']:.1f} s (converged: {result['converged']})")
 
 
-DEMO_QUICK_PRETRAIN = ("model.width=4", "model.depth=8", "data.image_size=8", "train.steps=20",
-                       "train.checkpoint_every=10", "train.eval_every=10")
-DEMO_QUICK_FINETUNE = ("data.image_size=8", "lqf.steps=3", "lqf.scope=last_stage", "finetune.steps=10",
-                       "probe.steps=20")
+# The demo's --quick runs: the benchmarks' quick source model, evaluated halfway too.
+DEMO_QUICK_PRETRAIN = (*bench.common.QUICK_PRETRAIN, "train.eval_every=10")
+DEMO_QUICK_FINETUNE = (*bench.common.QUICK_DATA, "lqf.steps=3", "lqf.scope=last_stage",
+                       "finetune.steps=10", "probe.steps=20")
 
 
 def _demo(args: argparse.Namespace, overrides: list[str]) -> None:

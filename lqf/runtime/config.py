@@ -13,8 +13,10 @@ from typing import Any
 import ml_collections
 
 from lqf.errors import UserError, require
+import lqf.models.resnet as resnet
 
-ARCH_DEPTHS = {"cifar": (8, 20, 32, 56), "imagenet": (18, 34, 50)}
+# The depths the ResNets are built for, from their own tables.
+ARCH_DEPTHS = {"cifar": tuple(resnet.CIFAR_BLOCKS), "imagenet": tuple(resnet.IMAGENET_LAYOUTS)}
 ACTIVATIONS = ("relu", "leaky_relu")
 VIT_ARCHS = ("vit",)
 VIT_INT_KEYS = ("patch", "dim", "depth", "heads", "mlp_dim")

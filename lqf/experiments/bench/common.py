@@ -53,8 +53,7 @@ def meta(command: str, seeds: Sequence[int]) -> dict[str, Any]:
 # its task reads images of the size its quick source model saw.
 QUICK_DATA = ("data.image_size=8",)
 QUICK_PRETRAIN = ("train.steps=20", "train.checkpoint_every=10", "model.width=4",
-                  "model.depth=8",
-                  *QUICK_DATA)
+                  "model.depth=8", *QUICK_DATA)
 
 
 def pretrained_run(spec: Mapping[str, Any], *, suffix: str = "",
