@@ -83,6 +83,8 @@ def fit_linear_probe(features: jax.Array, labels: jax.Array, num_classes: int, *
   tests/test_finetune.py's problem, depending on XLA's rounding; 6e-6 with the decay).
   features [N, D], labels int [N] -> {"kernel": [D, C], "bias": [C]}.
   """
+  if steps <= 0:
+    raise ValueError(f"the linear probe needs a positive number of steps, got {steps}")
   d = features.shape[-1]
   head = {"kernel": jax.random.normal(jax.random.key(seed), (d, num_classes)) / jnp.sqrt(d),
           "bias": jnp.zeros((num_classes,))}

@@ -35,6 +35,9 @@ def test_linear_probe_reaches_the_logistic_regression_optimum():
   # Softmax logits are defined up to a constant: compare centred biases.
   b = np.asarray(head["bias"])
   np.testing.assert_allclose(b - b.mean(), ref.intercept_ - ref.intercept_.mean(), atol=1e-4)
+  with pytest.raises(ValueError, match="positive number of steps"):
+    finetune.fit_linear_probe(jnp.asarray(x), jnp.asarray(y), c, lr=0.05, weight_decay=wd,
+                              steps=0, seed=0)
 
 
 def test_with_new_head_keeps_the_backbone_and_changes_the_label_set():
