@@ -120,7 +120,7 @@ def test_lqf_finetuning_on_8_devices_equals_one(pretrained, tmp_path):
   # XLA's older CPU emitters); at 0.1 every weight agrees to 4e-7.
   runs = {}
   for n in (1, 8):
-    cfg = _finetune_cfg(pretrained, "method=lqf", f"parallel.devices={n}", 
+    cfg = _finetune_cfg(pretrained, "method=lqf", f"parallel.devices={n}",
                         "lqf.damping=0.1")
     runs[n] = job_finetune.run(cfg, str(tmp_path / str(n)), progress=False)
   _assert_results_close(runs[1], runs[8])

@@ -114,7 +114,7 @@ def test_evaluation_pads_the_last_batch_and_counts_only_real_images():
   data = pipeline.ImageSplit(rng.normal(size=(10, 2, 2, 1)).astype(np.float32),
                              rng.integers(0, 3, size=10).astype(np.int32), 3,
                              np.zeros(1, np.float32))
-  batches = list(train.padded_batches(data, 4))
+  batches = list(pipeline.padded_eval_batches(data, 4))
   assert [b[0].shape for b in batches] == [(4, 2, 2, 1)] * 3
   assert [len(b[1]) for b in batches] == [4, 4, 2]
   np.testing.assert_array_equal(np.concatenate([b[0][:len(b[1])] for b in batches]),

@@ -289,3 +289,17 @@ def eval_batches(data: ImageSplit, batch_size: int) -> Iterator[tuple[np.ndarray
   """The split in order, in batches of at most `batch_size`."""
   for start in range(0, len(data), batch_size):
     yield data.images[start:start + batch_size], data.labels[start:start + batch_size]
+
+
+def padded_eval_batches(data: ImageSplit, batch_size: int
+                        ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """`eval_batches` with the last batch's images padded with zero images to the others'
+  size (its labels are not): one shape per split, so a jitted predictor compiles once,
+  not twice. The rows past `len(labels)` are padding."""
+  size = min(batch_size, len(data))
+  for images, labels in eval_batches(data, size):
+    images = np.asarray(images)
+    if len(images) < size:
+      pad = np.zeros((size - len(images), *images.shape[1:]), images.dtype)
+      images = np.concatenate([images, pad])
+    yield images, labels

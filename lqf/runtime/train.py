@@ -8,7 +8,7 @@ checkpoint at step s continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 import functools
 import os
 import sys
@@ -119,7 +119,7 @@ def evaluate(apply: Callable, params: PyTree, batch_stats: PyTree,
   """Accuracy and mean cross-entropy over a whole split, batch norm in eval mode."""
   apply_jit = _jit_apply(apply)
   correct, loss_sum = 0, 0.0
-  for images, labels in padded_batches(data, batch_size):
+  for images, labels in pipeline.padded_eval_batches(data, batch_size):
     logits = apply_jit(params, batch_stats, images)
     n = len(labels)
     correct += int((np.asarray(logits)[:n].argmax(-1) == labels).sum())
@@ -133,22 +133,8 @@ def accuracy(predict: Callable[[np.ndarray], jax.Array], data: pipeline.ImageSpl
              batch_size: int = 256) -> float:
   """Top-1 accuracy of `predict(images) -> logits` over a whole split."""
   correct = sum(int((np.asarray(predict(images))[:len(labels)].argmax(-1) == labels).sum())
-                for images, labels in padded_batches(data, batch_size))
+                for images, labels in pipeline.padded_eval_batches(data, batch_size))
   return correct / len(data)
-
-
-def padded_batches(data: pipeline.ImageSplit, batch_size: int
-                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """`pipeline.eval_batches` with the last batch's images padded with zero images to the
-  others' size (its labels are not): one shape per split, so a jitted predictor compiles
-  once, not twice. The rows past `len(labels)` are padding."""
-  size = min(batch_size, len(data))
-  for images, labels in pipeline.eval_batches(data, size):
-    images = np.asarray(images)
-    if len(images) < size:
-      pad = np.zeros((size - len(images), *images.shape[1:]), images.dtype)
-      images = np.concatenate([images, pad])
-    yield images, labels
 
 
 @functools.lru_cache(maxsize=32)
